@@ -1,0 +1,52 @@
+"""Fixtures: a real ComfyUI in-process (CPU), tiny real models, and a real ComfyUI server.
+
+The pack is importable as ``comfyui_tlora`` (see devkit.host.import_pack); ``tlora_core`` tests
+need no ComfyUI at all.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from devkit import host  # noqa: E402
+
+host.import_pack()
+
+
+
+@pytest.fixture(scope="session")
+def comfy():
+    """ComfyUI's ``comfy`` package, imported in-process on the CPU."""
+    return host.load_comfy()
+
+
+@pytest.fixture
+def tiny_flux(comfy):
+    from devkit.tiny_models import tiny_flux
+
+    return tiny_flux(seed=0)
+
+
+@pytest.fixture
+def tiny_sdxl(comfy):
+    from devkit.tiny_models import tiny_sdxl
+
+    return tiny_sdxl(seed=0)
+
+
+@pytest.fixture(scope="session")
+def comfy_server(tmp_path_factory):
+    """A real ComfyUI server with this pack installed, on a free loopback port."""
+    from devkit.server import ComfyServer
+
+    server = ComfyServer(tmp_path_factory.mktemp("comfy-base"))
+    server.start()
+    yield server
+    server.stop()

@@ -1,0 +1,130 @@
+"""The T-LoRA rank schedule: how many ranks are active at a given noise level.
+
+The formula is the one the trainers run (LyCORIS ``compute_timestep_mask``, SimpleTuner,
+the official code)::
+
+    u = clamp((T - t) / T, 0, 1)            # 1 = clean image, 0 = pure noise
+    r = min(R, floor(u ** alpha * (R - r_min)) + r_min)
+
+Everything here is plain Python/torch so the schedule can be computed, tested and charted
+without ComfyUI. Rank arithmetic is done in float64 (Python floats), like the trainers, so that
+boundary cases (e.g. ``0.75 * 64 == 48``) land on the same integer.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass, field, replace
+from typing import Iterable, Sequence
+
+import torch
+
+TIMESTEP = "timestep"
+STEP_INDEX = "step_index"
+MODES = (TIMESTEP, STEP_INDEX)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Schedule parameters, plus where each value came from (shown to the user)."""
+
+    max_rank: int
+    min_rank: int = 1
+    alpha: float = 1.0
+    mode: str = TIMESTEP
+    max_timestep: int = 1000
+    # LyCORIS/SimpleTuner truncate t to an int before the formula; the official SDXL code does not.
+    truncate_timestep: bool = True
+    sources: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self):
+        if self.max_rank < 1:
+            raise ValueError(f"max_rank must be >= 1, got {self.max_rank}")
+        if not 0 <= self.min_rank <= self.max_rank:
+            raise ValueError(f"min_rank must be in [0, max_rank={self.max_rank}], got {self.min_rank}")
+        if not (self.alpha > 0 and math.isfinite(self.alpha)):
+            raise ValueError(f"alpha (the schedule exponent) must be a positive number, got {self.alpha}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.max_timestep < 1:
+            raise ValueError(f"max_timestep must be >= 1, got {self.max_timestep}")
+
+    def with_overrides(self, source: str, **values) -> "Schedule":
+        """A copy with ``values`` replaced (None = keep) and their source recorded."""
+        values = {k: v for k, v in values.items() if v is not None}
+        sources = dict(self.sources)
+        sources.update({k: source for k in values})
+        return replace(self, sources=sources, **values)
+
+    def describe(self) -> str:
+        parts = []
+        for name in ("max_rank", "min_rank", "alpha", "mode", "max_timestep"):
+            where = self.sources.get(name, "default")
+            parts.append(f"{name}={getattr(self, name)} ({where})")
+        return ", ".join(parts)
+
+
+def rank_at_progress(u: float, max_rank: int, min_rank: int, alpha: float) -> int:
+    """Active rank for progress ``u`` in [0, 1] (0 = pure noise, 1 = clean)."""
+    u = min(max(u, 0.0), 1.0)
+    return min(max_rank, int(math.floor(u**alpha * (max_rank - min_rank))) + min_rank)
+
+
+def rank_at_timestep(t: float, schedule: Schedule) -> int:
+    """Active rank at the trainer's timestep ``t`` (0 = clean, T = pure noise)."""
+    if schedule.truncate_timestep:
+        t = float(int(t))
+    T = schedule.max_timestep
+    return rank_at_progress((T - t) / T, schedule.max_rank, schedule.min_rank, schedule.alpha)
+
+
+def rank_at_step(step: int, num_steps: int, schedule: Schedule) -> int:
+    """Active rank at denoising step ``step`` of ``num_steps`` (the step-index schedule).
+
+    Step i stands for the timestep ``T * (1 - i / N)`` of an evenly spaced ladder, so step 0 runs
+    ``min_rank`` and the ranks grow towards the last step, whatever the scheduler's sigmas are.
+    """
+    if num_steps <= 0:
+        return schedule.max_rank
+    return rank_at_progress(step / num_steps, schedule.max_rank, schedule.min_rank, schedule.alpha)
+
+
+def step_index(sigma: float, sample_sigmas: Sequence[float]) -> int:
+    """Index of the sampling step that ``sigma`` belongs to.
+
+    ``sample_sigmas`` is the sampler's schedule (descending, ending in the final sigma). A sigma at
+    a scheduled value gets that step; one between two scheduled values (Heun's, DPM 2S's inner
+    evaluations) belongs to the step it lies in. Locating sigma, rather than counting calls, keeps
+    multi-evaluation samplers and CFG batching on the right step.
+    """
+    n = len(sample_sigmas) - 1
+    if n <= 0:
+        return 0
+    # ascending copy for bisect; tolerance absorbs float round-off in the sampler's arithmetic
+    asc = [-float(s) for s in sample_sigmas]
+    tol = 1e-6 * max(1.0, abs(float(sample_sigmas[0])))
+    i = bisect.bisect_right(asc, -float(sigma) + tol) - 1
+    return min(max(i, 0), n - 1)
+
+
+def ranks_for_timesteps(timesteps: Iterable[float], schedule: Schedule) -> list[int]:
+    return [rank_at_timestep(float(t), schedule) for t in timesteps]
+
+
+def ranks_for_sigmas_by_step(sigmas: Iterable[float], sample_sigmas: Sequence[float], schedule: Schedule) -> list[int]:
+    n = len(sample_sigmas) - 1
+    return [rank_at_step(step_index(float(s), sample_sigmas), n, schedule) for s in sigmas]
+
+
+def rank_mask(ranks: Sequence[int] | int, max_rank: int, dtype=torch.float32, device=None) -> torch.Tensor:
+    """Binary prefix mask(s): shape (1, R) for one rank, (B, R) for a sequence of ranks."""
+    if isinstance(ranks, int):
+        ranks = [ranks]
+    r = torch.tensor(list(ranks), device=device).unsqueeze(1)
+    return (torch.arange(max_rank, device=device).unsqueeze(0) < r).to(dtype)
+
+
+def rank_table(schedule: Schedule, timesteps: Sequence[float] = (0, 250, 500, 750, 999)) -> list[tuple[float, int]]:
+    """(t, active rank) pairs, e.g. for the README table and the node's info text."""
+    return [(t, rank_at_timestep(t, schedule)) for t in timesteps]
