@@ -94,3 +94,15 @@ def ortho(
     up = torch.stack([p.float() * lam, -base_p.float() * base_lam], dim=2).reshape(p.shape[0], 2 * rank)
     down = torch.stack([q.float(), base_q.float()], dim=1).reshape(2 * rank, q.shape[1])
     return LowRankAdapter(name, up * scale, down, rank, 2)
+
+
+@dataclass
+class BoundAdapter:
+    """An adapter placed on one module of a model: ``module`` is the dotted path of the layer
+    inside the diffusion model (e.g. ``double_blocks.0.img_attn.qkv``); ``out_slice`` is
+    ``(offset, size)`` on the output features when the target is a slice of a fused layer
+    (Flux qkv / linear1), else None."""
+
+    module: str
+    out_slice: Optional[tuple[int, int]]
+    adapter: LowRankAdapter
