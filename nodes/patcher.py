@@ -1,0 +1,297 @@
+"""Apply a T-LoRA to a ComfyUI MODEL: the right rank mask on every sampling call, leak-free.
+
+The only module that knows ComfyUI's sampler internals. How a sampling run goes:
+
+1. ``apply_tlora`` returns a clone carrying one ``TLoraRuntime``, registered three ways:
+   - as the clone's ``model_function_wrapper`` (chaining the one that was there): for each model
+     call it turns the call's sigmas into active ranks (``nodes.sampling.active_ranks``), sets them
+     as this T-LoRA's state, calls through and restores the state in ``finally``;
+   - as a keyed ``OUTER_SAMPLE`` wrapper: it registers one forward hook per adapted layer on the
+     diffusion model when the run starts and removes them in ``finally`` (finished, error or
+     interrupt), so nothing outlives the run and nothing acts outside it;
+   - as a keyed ``APPLY_MODEL`` wrapper: a fallback that sets the state from ``apply_model``'s own
+     sigma when another node replaced ``model_function_wrapper`` without chaining ours.
+2. Each hook adds ``strength * U[:, :k] (D[:k] x)`` to its layer's output (into its slice for fused
+   qkv / linear1), k = active ranks, computing only the active ranks (``tlora_core.runtime``).
+   Output-level adapters never touch the base weights, so fp8 / GGUF / offloaded weights work and
+   other clones of the same base model are unaffected.
+
+The runtime is shared by the clone and its descendants (``__deepcopy__`` returns self: ComfyUI
+deep-copies ``model_options`` on every clone) and keeps tensors only in its own caches.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+import comfy.patcher_extension
+from comfy.patcher_extension import WrappersMP
+
+from ..tlora_core import runtime as rt
+from ..tlora_core.adapter import BoundAdapter, LowRankAdapter
+from ..tlora_core.schedule import Schedule
+from . import sampling
+
+log = logging.getLogger("comfyui_tlora")
+
+KEY_PREFIX = "tlora:"
+_OFF = object()  # state: inside a model call whose rank is unknown (already warned): add nothing
+
+
+@dataclass
+class _Entry:
+    index: int  # position in the runtime's weight cache
+    out_slice: Optional[tuple[int, int]]
+    adapter: LowRankAdapter
+
+
+class _CallState:
+    """Active ranks of one model call; masks are built only when the batch mixes ranks."""
+
+    __slots__ = ("ranks", "uniform", "_masks")
+
+    def __init__(self, ranks: list[int]):
+        self.ranks = ranks
+        self.uniform = ranks[0] if all(r == ranks[0] for r in ranks) else None
+        self._masks = {}
+
+    def mask(self, rank_cap: int, group: int, device, dtype) -> torch.Tensor:
+        key = (rank_cap, group, device, dtype)
+        m = self._masks.get(key)
+        if m is None:
+            m = self._masks[key] = rt.prefix_mask([min(r, rank_cap) for r in self.ranks], group, dtype, device)
+        return m
+
+
+class TLoraRuntime:
+    """One applied T-LoRA: adapters grouped by layer, its schedule, and per-call / per-run state."""
+
+    def __init__(self, targets: list[BoundAdapter], schedule: Schedule, strength: float, name: str, prev_wrapper=None):
+        self.name = name
+        self.key = f"{KEY_PREFIX}{name}:{uuid.uuid4().hex[:8]}"
+        self.schedule = schedule
+        self.strength = float(strength)
+        self.prev = prev_wrapper
+        self.modules: dict[str, list[_Entry]] = {}
+        self._sources: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for t in targets:
+            entry = _Entry(len(self._sources), tuple(t.out_slice) if t.out_slice is not None else None, t.adapter)
+            self._sources.append((t.adapter.down, t.adapter.up))
+            self.modules.setdefault(t.module, []).append(entry)
+        self._state = None  # None (no call of ours running), _OFF, or a _CallState
+        self._attached: dict[int, list] = {}  # id(diffusion model) -> [hook handles, refcount]
+        self._run_sampling = []  # model_sampling of each open run (innermost last)
+        self._cache_key = None
+        self._cache: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._warned: set[str] = set()
+
+    # --- ComfyUI's expectations of a model_function_wrapper ---------------------------------
+    def __deepcopy__(self, memo):
+        return self  # model_options are deep-copied on every clone; this object is immutable config + run state
+
+    def to(self, device_or_dtype):
+        """Honoured by ComfyUI when the model moves; forward it down the chain, drop stale device copies."""
+        if self.prev is not None and hasattr(self.prev, "to"):
+            self.prev = self.prev.to(device_or_dtype)
+        if isinstance(device_or_dtype, (torch.device, str)) and self._cache_key is not None:
+            if torch.device(device_or_dtype) != self._cache_key[0]:
+                self._cache_key, self._cache = None, []
+        return self
+
+    def models(self):
+        return self.prev.models() if self.prev is not None and hasattr(self.prev, "models") else []
+
+    # --- per model call ---------------------------------------------------------------------
+    def __call__(self, apply_model, args):
+        """The model_function_wrapper: set this T-LoRA's ranks for the call, call through, clear."""
+        c = args["c"]
+        ms = self._model_sampling(apply_model)
+        state = self._state_for(ms, args["timestep"], c.get("transformer_options", {}))
+        temp = None
+        if not self._attached:  # called outside a sampling run of ours (no OUTER_SAMPLE): hook for this call
+            dm = getattr(getattr(apply_model, "__self__", None), "diffusion_model", None)
+            if dm is not None:
+                temp = self._attach(dm)
+        saved, self._state = self._state, state
+        try:
+            if self.prev is not None:
+                return self.prev(apply_model, args)
+            return apply_model(args["input"], args["timestep"], **c)
+        finally:
+            self._state = saved
+            if temp is not None:
+                self._detach(temp)
+
+    def apply_model_wrapper(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
+        """APPLY_MODEL fallback: only acts when our model_function_wrapper did not run for this call."""
+        if self._state is not None or not self._attached:
+            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        self._warn_once("dropped", "another node replaced the model_function_wrapper without chaining it; "
+                        "setting the rank masks from apply_model instead")
+        ms = getattr(executor.class_obj, "model_sampling", None)
+        self._state = self._state_for(ms, t, transformer_options)
+        try:
+            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        finally:
+            self._state = None
+
+    def _model_sampling(self, apply_model):
+        ms = getattr(getattr(apply_model, "__self__", None), "model_sampling", None)
+        if ms is None and self._run_sampling:
+            ms = self._run_sampling[-1]
+        return ms
+
+    def _state_for(self, model_sampling, sigmas, transformer_options):
+        ranks = None
+        if model_sampling is not None and sigmas is not None:
+            ranks = sampling.active_ranks(model_sampling, torch.as_tensor(sigmas), self.schedule,
+                                          transformer_options.get("sample_sigmas"))
+        if ranks is None:
+            self._warn_once("no-sigma", "a model call without a known noise level (no sampler sigmas): "
+                            "the T-LoRA adds nothing to it")
+            return _OFF
+        return _CallState(ranks)
+
+    # --- per sampling run -------------------------------------------------------------------
+    def outer_sample_wrapper(self, executor, *args, **kwargs):
+        """OUTER_SAMPLE: hook the adapted layers for this run only; unhook whatever happens."""
+        patcher = getattr(executor.class_obj, "model_patcher", None)
+        handles = None
+        if patcher is not None:
+            handles = self._attach(patcher.get_model_object("diffusion_model"))
+            self._run_sampling.append(patcher.get_model_object("model_sampling"))
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            if handles is not None:
+                self._run_sampling.pop()
+                self._detach(handles)
+
+    def _attach(self, diffusion_model) -> int:
+        slot = self._attached.get(id(diffusion_model))
+        if slot is None:
+            handles = []
+            try:
+                for path, entries in self.modules.items():
+                    module = diffusion_model.get_submodule(path)
+                    handles.append(module.register_forward_hook(self._make_hook(entries), with_kwargs=True))
+            except BaseException:
+                for h in handles:
+                    h.remove()
+                raise
+            slot = self._attached[id(diffusion_model)] = [handles, 0]
+        slot[1] += 1
+        return id(diffusion_model)
+
+    def _detach(self, model_id: int) -> None:
+        slot = self._attached.get(model_id)
+        if slot is None:
+            return
+        slot[1] -= 1
+        if slot[1] <= 0:
+            del self._attached[model_id]
+            for h in slot[0]:
+                h.remove()
+
+    # --- per layer call ---------------------------------------------------------------------
+    def _make_hook(self, entries: list[_Entry]):
+        strength = self.strength
+
+        def hook(module, args, kwargs, output):
+            state = self._state
+            if state is None:
+                self._warn_once("outside", "the diffusion model ran outside a sampler call (no sigma known): "
+                                "the T-LoRA adds nothing to it")
+                return None
+            if state is _OFF:
+                return None
+            x = args[0] if args else kwargs["input"]
+            weights = self._weights(x.device, x.dtype)
+            for e in entries:
+                down, up = weights[e.index]
+                ad = e.adapter
+                if state.uniform is not None:
+                    rt.add_lowrank_(output, x, down, up, min(state.uniform, ad.rank) * ad.group, strength, e.out_slice)
+                else:
+                    mask = state.mask(ad.rank, ad.group, x.device, x.dtype)
+                    rt.add_lowrank_per_sample_(output, x, down, up, mask, strength, e.out_slice)
+            return None
+
+        return hook
+
+    def _weights(self, device, dtype):
+        """Adapters in the activation dtype on the activation device; one cached copy (none when they match)."""
+        key = (device, dtype)
+        if key != self._cache_key:
+            self._cache = [(d.to(device=device, dtype=dtype).contiguous(), u.to(device=device, dtype=dtype).contiguous())
+                           for d, u in self._sources]
+            self._cache_key = key
+        return self._cache
+
+    def _warn_once(self, kind: str, message: str) -> None:
+        if kind not in self._warned:
+            self._warned.add(kind)
+            log.warning("T-LoRA %r: %s", self.name, message)
+
+
+def _validate(diffusion_model, targets: list[BoundAdapter]) -> None:
+    problems = []
+    for t in targets:
+        try:
+            module = diffusion_model.get_submodule(t.module)
+        except AttributeError:
+            problems.append(f"{t.module}: no such layer in this model")
+            continue
+        weight = getattr(module, "weight", None)
+        in_f, out_f = getattr(module, "in_features", None), getattr(module, "out_features", None)
+        if in_f is None and weight is not None and weight.ndim == 2:
+            out_f, in_f = weight.shape
+        if in_f is None:
+            problems.append(f"{t.module}: {type(module).__name__} is not a linear layer")
+            continue
+        off, size = t.out_slice if t.out_slice is not None else (0, out_f)
+        ad = t.adapter
+        if ad.in_features != in_f or ad.out_features != size or off < 0 or off + size > out_f:
+            problems.append(f"{t.module}: adapter {ad.name} is ({ad.out_features}, {ad.in_features}), "
+                            f"layer is ({out_f}, {in_f}), slice {t.out_slice}")
+    if problems:
+        raise ValueError("T-LoRA does not fit this model:\n  " + "\n  ".join(problems))
+
+
+def apply_tlora(model_patcher, targets: list[BoundAdapter], schedule: Schedule, strength: float, name: str):
+    """A clone of ``model_patcher`` that adds the T-LoRA, masked per sampling call; the input is untouched.
+
+    Strength 0 (or no targets) returns a plain clone: exactly the base model.
+    """
+    clone = model_patcher.clone()
+    if strength == 0 or not targets:
+        return clone
+    _validate(clone.get_model_object("diffusion_model"), targets)
+    runtime = TLoraRuntime(targets, schedule, strength, name, clone.model_options.get("model_function_wrapper"))
+    clone.set_model_unet_function_wrapper(runtime)
+    clone.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, runtime.key, runtime.outer_sample_wrapper)
+    clone.add_wrapper_with_key(WrappersMP.APPLY_MODEL, runtime.key, runtime.apply_model_wrapper)
+    return clone
+
+
+def tlora_runtimes(model_patcher) -> list[TLoraRuntime]:
+    """The T-LoRAs applied to a model, innermost first (for nodes' info text and tests)."""
+    out = []
+    for key, wrappers in model_patcher.wrappers.get(WrappersMP.OUTER_SAMPLE, {}).items():
+        if isinstance(key, str) and key.startswith(KEY_PREFIX):
+            out.extend(w.__self__ for w in wrappers if isinstance(getattr(w, "__self__", None), TLoraRuntime))
+    return out
+
+
+def current_ranks(model_patcher) -> dict[str, Optional[list[int]]]:
+    """Per applied T-LoRA, the ranks of the model call in progress (None outside a call)."""
+    result = {}
+    for r in tlora_runtimes(model_patcher):
+        st = r._state
+        result[r.name] = list(st.ranks) if isinstance(st, _CallState) else None
+    return result

@@ -1,0 +1,81 @@
+"""Host-free runtime maths: add a prefix-masked low-rank adapter to a layer's output, in place.
+
+The adapter acts at the output (``y += s * U[:, :k] (D[:k] x)``) rather than on the weight, so it
+works whatever the base weight is stored as (fp8, GGUF, offloaded) and never touches it. Only the
+active ranks are computed (``k = active_rank * group``: a slice, never a multiplication by zeros),
+and the result is accumulated straight into the output (or into its slice of a fused qkv /
+linear1 output) with ``addmm_``: no zero buffers, no output-sized temporaries.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+
+def _target_2d(out: torch.Tensor, out_slice: Optional[tuple[int, int]]) -> Optional[torch.Tensor]:
+    """A 2-D (rows, features) view of ``out`` (or of its feature slice), or None if no view exists."""
+    if not out.is_contiguous():
+        return None
+    o2 = out.view(-1, out.shape[-1])
+    if out_slice is not None:
+        off, size = out_slice
+        o2 = o2[:, off:off + size]
+    return o2
+
+
+def add_lowrank_(out: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, k: int,
+                 strength: float, out_slice: Optional[tuple[int, int]] = None) -> torch.Tensor:
+    """``out[..., slice] += strength * (x @ down[:k].T) @ up[:, :k].T`` in place; returns ``out``.
+
+    ``x`` is the layer input (..., in), ``out`` its output (..., out_features); ``down`` (K, in) and
+    ``up`` (size, K) are the adapter in the activation dtype/device.
+    """
+    if k <= 0:
+        return out
+    x2 = x.reshape(-1, x.shape[-1])
+    h = torch.mm(x2, down[:k].t())
+    up_t = up[:, :k].t()
+    o2 = _target_2d(out, out_slice)
+    if o2 is not None and h.dtype == o2.dtype:
+        o2.addmm_(h, up_t, alpha=strength)
+    else:  # unusual layouts / mixed dtypes: one temporary, still exact
+        delta = torch.mm(h, up_t).reshape(*out.shape[:-1], -1).to(out.dtype)
+        target = out if out_slice is None else out.narrow(-1, out_slice[0], out_slice[1])
+        target.add_(delta, alpha=strength)
+    return out
+
+
+def add_lowrank_per_sample_(out: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor,
+                            mask: torch.Tensor, strength: float,
+                            out_slice: Optional[tuple[int, int]] = None) -> torch.Tensor:
+    """Like ``add_lowrank_`` with one prefix mask per batch element.
+
+    ``mask`` is (B, k_max) in the activation dtype (1 for active columns, 0 else), k_max being the
+    largest active column count of the call; ``x.shape[0]`` must be a multiple of B (models that
+    fold frames or patches into the batch keep each sample's rows together).
+    """
+    kmax = mask.shape[1]
+    if kmax <= 0:
+        return out
+    B = mask.shape[0]
+    if x.shape[0] % B:
+        raise RuntimeError(f"T-LoRA: a layer's batch ({x.shape[0]}) is not a multiple of the call's batch ({B}); "
+                           "cannot place per-sample rank masks")
+    rep = x.shape[0] // B
+    m = mask.repeat_interleave(rep, dim=0) if rep > 1 else mask
+    x3 = x.reshape(x.shape[0], -1, x.shape[-1])
+    h = torch.matmul(x3, down[:kmax].t())
+    h.mul_(m.unsqueeze(1))
+    delta = torch.matmul(h, up[:, :kmax].t()).reshape(*out.shape[:-1], -1).to(out.dtype)
+    target = out if out_slice is None else out.narrow(-1, out_slice[0], out_slice[1])
+    target.add_(delta, alpha=strength)
+    return out
+
+
+def prefix_mask(ranks: Sequence[int], group: int, dtype=torch.float32, device=None) -> torch.Tensor:
+    """(B, max(ranks) * group) binary mask: the first ``rank * group`` columns of each row on."""
+    kmax = max(ranks) * group
+    k = torch.tensor([r * group for r in ranks], device=device).unsqueeze(1)
+    return (torch.arange(kmax, device=device).unsqueeze(0) < k).to(dtype)
