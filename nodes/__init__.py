@@ -2,7 +2,10 @@
 
 from comfy_api.latest import ComfyExtension, io
 
+from .loader import TLoraLoader
+from .schedule import TLoraSchedule, TLoraSchedulePreview
+
 
 class TLoraExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return []
+        return [TLoraLoader, TLoraSchedule, TLoraSchedulePreview]

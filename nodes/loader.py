@@ -1,0 +1,109 @@
+"""T-LoRA Loader node (thin): read the file, bind it to the model, attach the scheduled adapter."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from comfy_api.latest import io
+
+import folder_paths
+
+from ..tlora_core import schedule as sched
+from .schedule import CATEGORY, LoadedTLora, ScheduleOverrides, TLoraScheduleType, record_loaded
+
+CACHE_DIR_NAME = "tlora_cache"
+
+
+def cache_dir() -> str:
+    """Where bases computed from the model's weights (LyCORIS' SVD terms) are kept between runs."""
+    return os.path.join(folder_paths.get_user_directory(), CACHE_DIR_NAME)
+
+
+def lora_path(lora_name: str) -> str:
+    """A file of ComfyUI's ``loras`` model folder(s) only: no other paths."""
+    if lora_name not in folder_paths.get_filename_list("loras"):
+        raise ValueError(f"T-LoRA Loader: {lora_name!r} is not in the loras model folder "
+                         f"({', '.join(folder_paths.get_folder_paths('loras'))})")
+    return folder_paths.get_full_path_or_raise("loras", lora_name)
+
+
+def info_text(lora_name: str, tfile, bound, schedule: sched.Schedule, strength: float) -> str:
+    lines = [
+        f"T-LoRA: {lora_name}",
+        f"format: {tfile.format}, rank {tfile.rank}, strength {strength:g}",
+        f"modules: {len(bound.matched)} matched, {len(bound.unmatched)} not matched",
+    ]
+    if bound.unmatched:
+        shown = ", ".join(list(bound.unmatched)[:8])
+        lines.append(f"  not matched: {shown}{' ...' if len(bound.unmatched) > 8 else ''}")
+    lines.append("schedule in effect:")
+    for name in ("max_rank", "min_rank", "alpha", "mode", "max_timestep"):
+        lines.append(f"  {name} = {getattr(schedule, name)}  ({schedule.sources.get(name, 'default')})")
+    if schedule.mode == sched.TIMESTEP:
+        lines.append("active rank at t: " + ", ".join(f"{t:g}: {r}" for t, r in sched.rank_table(schedule)))
+    notes = list(getattr(tfile.schedule, "notes", []) or []) + list(getattr(bound, "notes", []) or [])
+    lines += [f"note: {n}" for n in notes]
+    return "\n".join(lines)
+
+
+class TLoraLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="TLoraLoader",
+            display_name="T-LoRA Loader",
+            category=CATEGORY,
+            description=(
+                "Loads a T-LoRA (LyCORIS/SimpleTuner, the official code, the standalone Flux trainer or kohya-style) "
+                "from the loras folder and applies it with its timestep-dependent rank mask on every sampling call, "
+                "as it was trained. Without a schedule input the file's training settings are used."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model the T-LoRA was trained on (SDXL, Flux, ...)."),
+                io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"),
+                               tooltip="The T-LoRA file, from the loras model folder. The format is detected."),
+                io.Float.Input("strength_model", default=1.0, min=-100.0, max=100.0, step=0.01,
+                               tooltip="How strongly to apply the T-LoRA (0 = not at all, 1 = as trained)."),
+                TLoraScheduleType.Input("schedule", optional=True,
+                                        tooltip="Overrides for the rank schedule (T-LoRA Schedule node). Without it, "
+                                                "the file's training settings are used, else min_rank 1, alpha 1.0, "
+                                                "timestep mode, T=1000."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="MODEL", tooltip="The model with the T-LoRA attached."),
+                io.String.Output(display_name="info", tooltip="Format, rank, matched modules and the schedule in "
+                                                              "effect, with where each value came from."),
+            ],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, lora_name=None, **kwargs):
+        """Re-run when the file changes on disk, not only when its name does."""
+        try:
+            st = os.stat(folder_paths.get_full_path_or_raise("loras", lora_name))
+            return (lora_name, st.st_mtime_ns, st.st_size)
+        except Exception:
+            return lora_name
+
+    @classmethod
+    def execute(cls, model, lora_name: str, strength_model: float,
+                schedule: Optional[ScheduleOverrides] = None) -> io.NodeOutput:
+        from ..tlora_core.formats import read_tlora
+        from . import keymap, patcher
+
+        tfile = read_tlora(lora_path(lora_name))
+        effective = tfile.schedule
+        if schedule is not None:
+            effective = schedule.resolve(effective, lora_name)
+        bound = keymap.bind_tlora(model, tfile, cache_dir=cache_dir(), progress=True)
+        if not bound.matched:
+            sample = ", ".join(list(bound.unmatched)[:5])
+            raise ValueError(f"T-LoRA Loader: none of the {len(bound.unmatched)} modules of {lora_name} match this model "
+                             f"({type(model.model).__name__}); was it trained for another model? Unmatched: {sample}")
+        info = info_text(lora_name, tfile, bound, effective, strength_model)
+        if strength_model == 0:
+            return io.NodeOutput(model, info + "\nstrength 0: the model is returned unchanged")
+        patched = patcher.apply_tlora(model, bound.targets, effective, strength_model, lora_name)
+        record_loaded(patched, LoadedTLora(lora_name, effective, strength_model))
+        return io.NodeOutput(patched, info)
