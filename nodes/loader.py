@@ -10,7 +10,7 @@ from comfy_api.latest import io
 import folder_paths
 
 from ..tlora_core import schedule as sched
-from .schedule import CATEGORY, LoadedTLora, ScheduleOverrides, TLoraScheduleType, record_loaded
+from .schedule import CATEGORY, ScheduleOverrides, TLoraScheduleType
 
 CACHE_DIR_NAME = "tlora_cache"
 
@@ -103,7 +103,5 @@ class TLoraLoader(io.ComfyNode):
                              f"({type(model.model).__name__}); was it trained for another model? Unmatched: {sample}")
         info = info_text(lora_name, tfile, bound, effective, strength_model)
         if strength_model == 0:
-            return io.NodeOutput(model, info + "\nstrength 0: the model is returned unchanged")
-        patched = patcher.apply_tlora(model, bound.targets, effective, strength_model, lora_name)
-        record_loaded(patched, LoadedTLora(lora_name, effective, strength_model))
-        return io.NodeOutput(patched, info)
+            info += "\nstrength 0: the model is left as it was"
+        return io.NodeOutput(patcher.apply_tlora(model, bound.targets, effective, strength_model, lora_name), info)

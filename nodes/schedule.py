@@ -16,13 +16,10 @@ from comfy_api.latest import io, ui
 import comfy.samplers
 
 from ..tlora_core import schedule as sched
-from . import chart, sampling
+from . import chart, patcher, sampling
 
 CATEGORY = "loaders/T-LoRA"
 SOURCE = "T-LoRA Schedule node"
-# How the loader records what it attached, for the preview: a list under this model_options key
-# (model_options is copied on clone; the records are small and hold no tensors).
-LOADED_KEY = "tlora_loaded"
 
 TLoraScheduleType = io.Custom("TLORA_SCHEDULE")
 
@@ -61,11 +58,8 @@ class LoadedTLora:
 
 
 def loaded_tloras(model) -> list[LoadedTLora]:
-    return list(model.model_options.get(LOADED_KEY, []))
-
-
-def record_loaded(model, item: LoadedTLora) -> None:
-    model.model_options[LOADED_KEY] = loaded_tloras(model) + [item]
+    """The T-LoRAs attached to ``model`` (by T-LoRA Loaders upstream), in the order they were applied."""
+    return [LoadedTLora(r.name, r.schedule, r.strength) for r in patcher.tlora_runtimes(model)]
 
 
 class TLoraSchedule(io.ComfyNode):

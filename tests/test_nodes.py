@@ -126,19 +126,31 @@ def test_preview_needs_something_to_chart(nodes, tiny_sdxl):
                                            schedule=make_overrides(nodes, max_rank=4))
 
 
+def _with_tlora(model, name, schedule, strength=1.0):
+    """``model`` with a small T-LoRA really attached by the runtime (one adapter on one attention layer)."""
+    adapter = pack_module("tlora_core.adapter")
+    patcher = pack_module("nodes.patcher")
+    path = "middle_block.1.transformer_blocks.0.attn1.to_q"
+    layer = model.get_model_object("diffusion_model").get_submodule(path)
+    gen = torch.Generator().manual_seed(0)
+    ad = adapter.plain(name, torch.randn(layer.out_features, schedule.max_rank, generator=gen),
+                       torch.randn(schedule.max_rank, layer.in_features, generator=gen), 0.1)
+    return patcher.apply_tlora(model, [adapter.BoundAdapter(path, None, ad)], schedule, strength, name)
+
+
 def test_preview_charts_the_tloras_on_the_model(nodes, core, tiny_sdxl):
-    """A model from the loader carries what it attached; the preview charts each, with its schedule."""
-    model = tiny_sdxl.clone()
-    nodes.record_loaded(model, nodes.LoadedTLora("a.safetensors", file_schedule(core, max_rank=8, alpha=1.0), 1.0))
-    nodes.record_loaded(model, nodes.LoadedTLora("b.safetensors", file_schedule(core, max_rank=4, alpha=3.0), 0.5))
-    assert nodes.loaded_tloras(tiny_sdxl) == []  # the clone's record does not leak into the original
+    """A model from T-LoRA Loaders carries its T-LoRAs: the preview charts each, with its schedule in effect."""
+    model = _with_tlora(tiny_sdxl, "a.safetensors", file_schedule(core, max_rank=8, alpha=1.0))
+    model = _with_tlora(model, "b.safetensors", file_schedule(core, max_rank=4, alpha=3.0), 0.5)
+    assert [(t.name, t.schedule.max_rank, t.strength) for t in nodes.loaded_tloras(model)] == \
+        [("a.safetensors", 8, 1.0), ("b.safetensors", 4, 0.5)]
+    assert nodes.loaded_tloras(tiny_sdxl) == []  # the input model is untouched
     _, table = nodes.TLoraSchedulePreview.execute(model, "euler", "normal", 6, 1.0).args
     head = table.splitlines()[0]
     assert "rank: a.safetensors" in head and "rank: b.safetensors" in head
     last = table.splitlines()[6].split()
     assert last[-2].endswith("/8") and last[-1].endswith("/4")
     # with one T-LoRA on the model, a schedule input's max_rank 0 takes that T-LoRA's rank
-    one = tiny_sdxl.clone()
-    nodes.record_loaded(one, nodes.LoadedTLora("a.safetensors", file_schedule(core, max_rank=8), 1.0))
+    one = _with_tlora(tiny_sdxl, "a.safetensors", file_schedule(core, max_rank=8))
     _, table = nodes.TLoraSchedulePreview.execute(one, "euler", "normal", 6, 1.0, schedule=make_overrides(nodes)).args
     assert "rank: schedule input on a.safetensors" in table and table.splitlines()[6].split()[-1].endswith("/8")
