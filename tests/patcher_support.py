@@ -14,8 +14,9 @@ from typing import Optional
 
 import torch
 
-from devkit.host import pack_module
+from devkit.host import load_comfy, pack_module
 
+load_comfy()  # the pack's nodes import ComfyUI; these helpers are used at module level
 adapter_mod = pack_module("tlora_core.adapter")
 BoundAdapter = adapter_mod.BoundAdapter
 
@@ -165,3 +166,38 @@ def rel_err(got: torch.Tensor, ref: torch.Tensor, base: torch.Tensor) -> float:
 def hooks_left(model_patcher) -> int:
     dm = model_patcher.model.diffusion_model
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in dm.modules())
+
+
+def single_thread():
+    """Context for tiny-model tests: one intra-op thread (tiny ops on a busy 2-core box are
+    dominated by OpenMP synchronisation otherwise); restores the previous setting."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def ctx():
+        n = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(n)
+
+    return ctx()
+
+
+def no_gc_collect():
+    """lycoris-lora calls gc.collect() after every module's SVD init (pure clean-up, no effect on
+    the numbers); in a process holding ComfyUI that costs seconds per module."""
+    import contextlib
+    import gc
+
+    @contextlib.contextmanager
+    def ctx():
+        orig = gc.collect
+        gc.collect = lambda *a, **k: 0
+        try:
+            yield
+        finally:
+            gc.collect = orig
+
+    return ctx()
