@@ -78,6 +78,13 @@ class TLoraLoader(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, lora_name=None):
+        """Checked when the prompt is queued (ComfyUI does not check V3 combo values itself)."""
+        if lora_name is None or lora_name in folder_paths.get_filename_list("loras"):
+            return True
+        return f"{lora_name!r} is not a file of the loras model folder"
+
+    @classmethod
     def fingerprint_inputs(cls, lora_name=None, **kwargs):
         """Re-run when the file changes on disk, not only when its name does."""
         try:

@@ -95,6 +95,11 @@ class TLoraSchedule(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, mode=None):
+        """Checked when the prompt is queued (ComfyUI does not check V3 combo values itself)."""
+        return True if mode is None or mode in sched.MODES else f"mode must be one of {', '.join(sched.MODES)}, got {mode!r}"
+
+    @classmethod
     def execute(cls, max_rank: int, min_rank: int, alpha: float, mode: str, max_timestep: int) -> io.NodeOutput:
         if max_rank and min_rank > max_rank:
             raise ValueError(f"T-LoRA Schedule: min_rank {min_rank} is above max_rank {max_rank}")
@@ -175,6 +180,15 @@ class TLoraSchedulePreview(io.ComfyNode):
             ],
             is_output_node=True,
         )
+
+    @classmethod
+    def validate_inputs(cls, sampler_name=None, scheduler=None):
+        """Checked when the prompt is queued: KSampler would silently fall back to its first choice."""
+        if sampler_name is not None and sampler_name not in comfy.samplers.KSampler.SAMPLERS:
+            return f"unknown sampler {sampler_name!r}"
+        if scheduler is not None and scheduler not in comfy.samplers.KSampler.SCHEDULERS:
+            return f"unknown scheduler {scheduler!r}"
+        return True
 
     @classmethod
     def execute(cls, model, sampler_name: str, scheduler: str, steps: int, denoise: float,

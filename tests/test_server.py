@@ -1,0 +1,132 @@
+"""The pack in a real ComfyUI server: the node contract in /object_info, the templates, the file list."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from devkit import workflows as wfs
+from devkit.server import PACK_DIR_NAME
+
+pytestmark = pytest.mark.server
+
+CATEGORY = "loaders/T-LoRA"
+
+
+@pytest.fixture(scope="module")
+def object_info(comfy_server):
+    return comfy_server.get("/object_info")
+
+
+def inputs(node: dict) -> dict:
+    return {**node["input"]["required"], **node["input"].get("optional", {})}
+
+
+def test_every_node_has_tooltips_descriptions_and_the_category(object_info):
+    for node_id in ("TLoraLoader", "TLoraSchedule", "TLoraSchedulePreview"):
+        node = object_info[node_id]
+        assert node["category"] == CATEGORY
+        assert len(node["description"]) > 40
+        assert node["python_module"].startswith("custom_nodes.")
+        for name, spec in inputs(node).items():
+            assert len(spec) > 1 and len(spec[1].get("tooltip", "")) > 15, (node_id, name)
+        assert all(node["output_tooltips"]), node_id
+
+
+def test_loader_contract(object_info):
+    node = object_info["TLoraLoader"]
+    assert node["display_name"] == "T-LoRA Loader"
+    assert node["input_order"] == {"required": ["model", "lora_name", "strength_model"], "optional": ["schedule"]}
+    req, opt = node["input"]["required"], node["input"]["optional"]
+    assert req["model"][0] == "MODEL"
+    assert req["lora_name"][0] == "COMBO"
+    assert req["strength_model"][0] == "FLOAT" and req["strength_model"][1]["default"] == 1.0
+    assert opt["schedule"][0] == "TLORA_SCHEDULE"
+    assert node["output"][0] == "MODEL" and node["output"][1:] == ["STRING"]
+
+
+def test_schedule_contract(object_info):
+    node = object_info["TLoraSchedule"]
+    assert node["display_name"] == "T-LoRA Schedule"
+    assert node["input_order"] == {"required": ["max_rank", "min_rank", "alpha", "mode", "max_timestep"]}
+    req = node["input"]["required"]
+    assert req["max_rank"][0] == "INT" and req["max_rank"][1]["default"] == 0 and req["max_rank"][1]["min"] == 0
+    assert req["min_rank"][0] == "INT" and req["min_rank"][1]["default"] == 1
+    assert req["alpha"][0] == "FLOAT" and req["alpha"][1]["default"] == 1.0 and req["alpha"][1]["min"] > 0
+    assert req["mode"][0] == "COMBO" and req["mode"][1]["options"] == ["timestep", "step_index"]
+    assert req["max_timestep"][0] == "INT" and req["max_timestep"][1]["default"] == 1000
+    assert node["output"] == ["TLORA_SCHEDULE"]
+
+
+def test_preview_contract(object_info):
+    node = object_info["TLoraSchedulePreview"]
+    ks = object_info["KSampler"]["input"]["required"]
+    assert node["display_name"] == "T-LoRA Schedule Preview"
+    req, opt = node["input"]["required"], node["input"]["optional"]
+    assert req["model"][0] == "MODEL" and opt["schedule"][0] == "TLORA_SCHEDULE"
+    # the same sampler/scheduler choices as KSampler, so its settings can be copied over
+    assert req["sampler_name"][1]["options"] == ks["sampler_name"][0]
+    assert req["scheduler"][1]["options"] == ks["scheduler"][0]
+    assert req["steps"][0] == "INT" and req["denoise"][0] == "FLOAT"
+    assert node["output"] == ["IMAGE", "STRING"] and node["output_node"] is True
+
+
+def test_lora_names_come_from_the_loras_folder_only(comfy_server):
+    loras = comfy_server.base_dir / "models" / "loras"
+    (loras / "sub").mkdir(exist_ok=True)
+    (loras / "sub" / "listed_tlora.safetensors").write_bytes(b"\0" * 16)
+    (comfy_server.base_dir / "models" / "checkpoints" / "not_a_lora.safetensors").write_bytes(b"\0" * 16)
+    names = comfy_server.get("/object_info/TLoraLoader")["TLoraLoader"]["input"]["required"]["lora_name"][1]["options"]
+    assert "sub/listed_tlora.safetensors" in names
+    assert not any("not_a_lora" in n for n in names)
+    # a path outside the folder is refused before anything runs
+    prompt = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "not_a_lora.safetensors"}},
+              "2": {"class_type": "TLoraLoader",
+                    "inputs": {"model": ["1", 0], "lora_name": "../checkpoints/not_a_lora.safetensors",
+                               "strength_model": 1.0}},
+              "3": {"class_type": "TLoraSchedulePreview",
+                    "inputs": {"model": ["2", 0], "sampler_name": "euler", "scheduler": "normal", "steps": 4,
+                               "denoise": 1.0}}}
+    with pytest.raises(RuntimeError) as err:
+        comfy_server.post("/prompt", {"prompt": prompt})
+    body = json.loads(str(err.value).split(" -> 400: ", 1)[1])
+    (bad,) = body["node_errors"]["2"]["errors"]
+    assert bad["extra_info"]["input_name"] == "lora_name" and "not a file of the loras model folder" in bad["details"]
+    assert set(body["node_errors"]) == {"2"}
+
+
+def test_bad_combo_values_are_refused_when_queued(comfy_server):
+    """ComfyUI 0.3.75 does not check V3 combo values; the nodes do, before anything runs."""
+    prompt = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "x.safetensors"}},
+              "2": {"class_type": "TLoraSchedule",
+                    "inputs": {"max_rank": 8, "min_rank": 1, "alpha": 1.0, "mode": "sigma", "max_timestep": 1000}},
+              "3": {"class_type": "TLoraSchedulePreview",
+                    "inputs": {"model": ["1", 0], "schedule": ["2", 0], "sampler_name": "eulerx", "scheduler": "normal",
+                               "steps": 4, "denoise": 1.0}}}
+    with pytest.raises(RuntimeError) as err:
+        comfy_server.post("/prompt", {"prompt": prompt})
+    errors = json.loads(str(err.value).split(" -> 400: ", 1)[1])["node_errors"]
+    assert "mode must be one of timestep, step_index" in errors["2"]["errors"][0]["details"]
+    assert "unknown sampler 'eulerx'" in errors["3"]["errors"][0]["details"]
+
+
+def test_examples_are_in_the_template_browser(comfy_server):
+    templates = comfy_server.get("/api/workflow_templates")
+    assert sorted(templates[PACK_DIR_NAME]) == sorted(p.stem for p in wfs.example_files())
+    for name in templates[PACK_DIR_NAME]:
+        served = comfy_server.get(f"/api/workflow_templates/{PACK_DIR_NAME}/{name}.json")
+        if isinstance(served, bytes):
+            served = json.loads(served)
+        assert served == json.loads((wfs.EXAMPLES / f"{name}.json").read_text())
+        thumb = comfy_server.get(f"/api/workflow_templates/{PACK_DIR_NAME}/{name}.jpg")
+        assert thumb[:3] == b"\xff\xd8\xff" and thumb == (wfs.EXAMPLES / f"{name}.jpg").read_bytes()
+
+
+def test_web_extension_is_served(comfy_server):
+    exts = comfy_server.get("/extensions")
+    ours = [e for e in exts if e.startswith(f"/extensions/{PACK_DIR_NAME}/")]
+    assert ours == [f"/extensions/{PACK_DIR_NAME}/tlora_schedule.js"]
+    js = comfy_server.get(ours[0])
+    js = js.decode() if isinstance(js, bytes) else js
+    assert 'registerExtension' in js and '"TLoraSchedule"' in js
