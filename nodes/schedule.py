@@ -205,4 +205,5 @@ class TLoraSchedulePreview(io.ComfyNode):
             subtitle=" | ".join(f"{name}: R={s.max_rank} min={s.min_rank} alpha={s.alpha:g} {s.mode} T={s.max_timestep}"
                                 for name, s in schedules),
         )
-        return io.NodeOutput(image, table, ui=ui.PreviewImage(image, cls=cls))
+        # the chart shows on the node; the table rides along in the history for API users
+        return io.NodeOutput(image, table, ui={**ui.PreviewImage(image, cls=cls).as_dict(), "text": [table]})

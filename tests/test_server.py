@@ -130,3 +130,37 @@ def test_web_extension_is_served(comfy_server):
     js = comfy_server.get(ours[0])
     js = js.decode() if isinstance(js, bytes) else js
     assert 'registerExtension' in js and '"TLoraSchedule"' in js
+
+
+@pytest.fixture(scope="module")
+def demo(comfy_server):
+    """The demo engineer's generated checkpoint (SD1.5-detected) and T-LoRA, linked into the server's models/."""
+    from devkit.demo_assets import make_demo_assets
+
+    return make_demo_assets(comfy_server.base_dir / "models")
+
+
+def test_schedule_preview_runs_in_the_server(comfy_server, demo):
+    prompt = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": demo["checkpoint"]}},
+              "2": {"class_type": "TLoraSchedule",
+                    "inputs": {"max_rank": 16, "min_rank": 2, "alpha": 1.5, "mode": "timestep", "max_timestep": 1000}},
+              "3": {"class_type": "TLoraSchedulePreview",
+                    "inputs": {"model": ["1", 0], "schedule": ["2", 0], "sampler_name": "euler", "scheduler": "normal",
+                               "steps": 6, "denoise": 1.0}}}
+    entry = comfy_server.run_prompt(prompt)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    out = entry["outputs"]["3"]
+    (img,) = out["images"]
+    png = comfy_server.get(f"/view?filename={img['filename']}&subfolder={img['subfolder']}&type={img['type']}")
+    from PIL import Image
+    import io
+
+    assert Image.open(io.BytesIO(png)).size == (768, 432)
+    (table,) = out["text"]
+    rows = [line.split() for line in table.splitlines()[1:7]]
+    ranks = [int(r[-1].split("/")[0]) for r in rows]
+    ts = [float(r[2]) for r in rows]
+    # SD1.5 (discrete): t is the scheduler's timestep, 999 at the first step; r = floor(u^1.5 * 14) + 2
+    assert ts[0] == 999.0 and ts == sorted(ts, reverse=True)
+    assert ranks == [min(16, int(((1000 - int(t)) / 1000) ** 1.5 * 14) + 2) for t in ts]
+    assert ranks[0] == 2 and ranks[-1] > 8
