@@ -87,7 +87,7 @@ class TLoraRuntime:
         self._attached: dict[int, list] = {}  # id(diffusion model) -> [hook handles, refcount]
         self._run_sampling = []  # model_sampling of each open run (innermost last)
         self._cache_key = None
-        self._cache: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._cache: list[rt.Prepared] = []
         self._warned: set[str] = set()
 
     # --- ComfyUI's expectations of a model_function_wrapper ---------------------------------
@@ -211,26 +211,33 @@ class TLoraRuntime:
             if state is _OFF:
                 return None
             x = args[0] if args else kwargs["input"]
-            weights = self._weights(x.device, x.dtype)
+            prepared = self._weights(x.device, x.dtype)
+            r = state.uniform
+            if r is not None and output.dtype == x.dtype and output.is_contiguous():
+                # the usual call (one noise level for the whole cond/uncond batch)
+                x2 = x.reshape(-1, x.shape[-1])
+                o2 = output.view(-1, output.shape[-1])
+                for e in entries:
+                    ad = e.adapter
+                    rt.add_prefix_2d_(o2, x2, prepared[e.index], min(r, ad.rank) * ad.group, strength, e.out_slice)
+                return None
             for e in entries:
-                down, up = weights[e.index]
-                ad = e.adapter
-                if state.uniform is not None:
-                    rt.add_lowrank_(output, x, down, up, min(state.uniform, ad.rank) * ad.group, strength, e.out_slice)
+                p, ad = prepared[e.index], e.adapter
+                if r is not None:
+                    rt.add_lowrank_(output, x, p.down, p.up, min(r, ad.rank) * ad.group, strength, e.out_slice)
                 else:
                     mask = state.mask(ad.rank, ad.group, x.device, x.dtype)
-                    rt.add_lowrank_per_sample_(output, x, down, up, mask, strength, e.out_slice)
+                    rt.add_lowrank_per_sample_(output, x, p.down, p.up, mask, strength, e.out_slice)
             return None
 
         return hook
 
-    def _weights(self, device, dtype):
+    def _weights(self, device, dtype) -> list:
         """Adapters in the activation dtype on the activation device; one cached copy (none when they match)."""
-        key = (device, dtype)
-        if key != self._cache_key:
-            self._cache = [(d.to(device=device, dtype=dtype).contiguous(), u.to(device=device, dtype=dtype).contiguous())
+        if (device, dtype) != self._cache_key:
+            self._cache = [rt.Prepared(d.to(device=device, dtype=dtype).contiguous(), u.to(device=device, dtype=dtype).contiguous())
                            for d, u in self._sources]
-            self._cache_key = key
+            self._cache_key = (device, dtype)
         return self._cache
 
     def _warn_once(self, kind: str, message: str) -> None:

@@ -369,10 +369,10 @@ def test_adapters_cached_once_per_device_dtype_without_copies(flux):
     _sample(tl, cond, steps=1)
     # fp32 on the CPU: the file's tensors are used as they are, no copy
     assert rt._cache_key == (torch.device("cpu"), torch.float32)
-    for (d, u), p in zip(rt._cache, placed):
-        assert d.data_ptr() == p.bound.adapter.down.data_ptr() and u.data_ptr() == p.bound.adapter.up.data_ptr()
+    for c, p in zip(rt._cache, placed):
+        assert c.down.data_ptr() == p.bound.adapter.down.data_ptr() and c.up.data_ptr() == p.bound.adapter.up.data_ptr()
     # another activation dtype: one converted copy replaces the cache (never one per call)
     w = rt._weights(torch.device("cpu"), torch.bfloat16)
-    assert rt._weights(torch.device("cpu"), torch.bfloat16) is w and all(d.dtype == torch.bfloat16 for d, _ in w)
+    assert rt._weights(torch.device("cpu"), torch.bfloat16) is w and all(c.down.dtype == torch.bfloat16 for c in w)
     src = sum(p.bound.adapter.down.numel() + p.bound.adapter.up.numel() for p in placed)
-    assert sum(d.numel() + u.numel() for d, u in rt._cache) == src
+    assert sum(c.down.numel() + c.up.numel() for c in rt._cache) == src

@@ -74,6 +74,38 @@ def add_lowrank_per_sample_(out: torch.Tensor, x: torch.Tensor, down: torch.Tens
     return out
 
 
+class Prepared:
+    """One adapter in the activation dtype/device, with its active-rank views cached per ``k``.
+
+    Views cost no memory; caching them keeps the per-call work to the two matmuls.
+    """
+
+    __slots__ = ("down", "up", "_views")
+
+    def __init__(self, down: torch.Tensor, up: torch.Tensor):
+        self.down, self.up, self._views = down, up, {}
+
+    def views(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(down[:k].T, up[:, :k].T)``."""
+        v = self._views.get(k)
+        if v is None:
+            v = self._views[k] = (self.down[:k].t(), self.up[:, :k].t())
+        return v
+
+
+def add_prefix_2d_(o2: torch.Tensor, x2: torch.Tensor, prepared: Prepared, k: int, strength: float,
+                   out_slice: Optional[tuple[int, int]] = None) -> None:
+    """Fast path of ``add_lowrank_`` for 2-D ``x2`` (rows, in) and a 2-D view ``o2`` (rows, out) of a
+    contiguous output in the same dtype: two BLAS calls, the second accumulating in place."""
+    if k <= 0:
+        return
+    d_t, u_t = prepared.views(k)
+    h = torch.mm(x2, d_t)
+    if out_slice is not None:
+        o2 = o2[:, out_slice[0]:out_slice[0] + out_slice[1]]
+    o2.addmm_(h, u_t, alpha=strength)
+
+
 def prefix_mask(ranks: Sequence[int], group: int, dtype=torch.float32, device=None) -> torch.Tensor:
     """(B, max(ranks) * group) binary mask: the first ``rank * group`` columns of each row on."""
     kmax = max(ranks) * group

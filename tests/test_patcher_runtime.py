@@ -1,0 +1,69 @@
+"""Host-free runtime maths (tlora_core.runtime) against the explicit weight delta."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from devkit.host import ROOT, pack_module
+
+rt = pack_module("tlora_core.runtime")
+adapter = pack_module("tlora_core.adapter")
+
+
+def _ortho(out_f=12, in_f=10, R=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)
+    return adapter.ortho("m", r(out_f, R), r(R).abs(), r(R, in_f), r(out_f, R), r(R).abs(), r(R, in_f), scale=0.5)
+
+
+def test_runtime_is_host_free():
+    code = ("import sys; sys.path.insert(0, %r); import tlora_core.runtime;"
+            "assert not any(m == 'comfy' or m.startswith('comfy.') for m in sys.modules)" % str(ROOT))
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("r", [0, 1, 3, 4])
+@pytest.mark.parametrize("sliced", [False, True])
+def test_add_lowrank_equals_explicit_delta(r, sliced):
+    ad = _ortho()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 5, 10, generator=g)
+    width = 30 if sliced else 12
+    out0 = torch.randn(2, 5, width, generator=g)
+    sl = (7, 12) if sliced else None
+    want = out0.clone()
+    delta = ad.delta_weight(r)  # (out, in) with r ranks on: both ortho terms of each rank
+    (want[..., 7:19] if sliced else want).add_(-0.7 * x @ delta.T)
+
+    got = rt.add_lowrank_(out0.clone(), x, ad.down, ad.up, r * ad.group, -0.7, sl)
+    assert torch.allclose(got, want, atol=1e-5)
+    fast = out0.clone()
+    rt.add_prefix_2d_(fast.view(-1, width), x.reshape(-1, 10), rt.Prepared(ad.down, ad.up), r * ad.group, -0.7, sl)
+    assert torch.allclose(fast, want, atol=1e-5)
+    # a non-contiguous output takes the general path, same numbers
+    nc = out0.clone().transpose(0, 1).contiguous().transpose(0, 1)
+    assert not nc.is_contiguous()
+    assert torch.allclose(rt.add_lowrank_(nc, x, ad.down, ad.up, r * ad.group, -0.7, sl), want, atol=1e-5)
+    if sliced:  # nothing outside the slice moves
+        assert torch.equal(got[..., :7], out0[..., :7]) and torch.equal(got[..., 19:], out0[..., 19:])
+
+
+def test_per_sample_masks():
+    ad = _ortho()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(6, 5, 10, generator=g)  # batch 3 with 2 rows per sample folded in (e.g. frames)
+    out0 = torch.randn(6, 5, 12, generator=g)
+    ranks = [1, 4, 2]
+    mask = rt.prefix_mask(ranks, ad.group)
+    assert mask.shape == (3, 8) and mask.sum(1).tolist() == [2, 8, 4]
+    got = rt.add_lowrank_per_sample_(out0.clone(), x, ad.down, ad.up, mask, 1.3)
+    for i, r in enumerate(ranks):
+        rows = slice(2 * i, 2 * i + 2)
+        want = out0[rows] + 1.3 * x[rows] @ ad.delta_weight(r).T
+        assert torch.allclose(got[rows], want, atol=1e-5), i
+    with pytest.raises(RuntimeError, match="not a multiple"):
+        rt.add_lowrank_per_sample_(torch.zeros(4, 5, 12), x[:4], ad.down, ad.up, mask, 1.0)
