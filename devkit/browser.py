@@ -35,11 +35,16 @@ def available() -> str | None:
     return None
 
 
+def set_setting(server_url: str, key: str, value) -> None:
+    """A frontend setting, stored by the server (read by the page when it loads)."""
+    req = urllib.request.Request(f"{server_url}/settings/{key}", data=json.dumps(value).encode(),
+                                 headers={"Content-Type": "application/json"})
+    urllib.request.urlopen(req, timeout=30).read()
+
+
 def quiet_first_run(server_url: str) -> None:
     for key, value in QUIET_SETTINGS.items():
-        req = urllib.request.Request(f"{server_url}/settings/{key}", data=json.dumps(value).encode(),
-                                     headers={"Content-Type": "application/json"})
-        urllib.request.urlopen(req, timeout=30).read()
+        set_setting(server_url, key, value)
 
 
 @contextlib.contextmanager

@@ -145,3 +145,32 @@ def test_examples_load_in_the_frontend(page, name):
     if previews:
         assert previews[0]["inputs"]["sampler_name"] == "euler" and previews[0]["inputs"]["denoise"] == 1.0
     page.screenshot(path=str(ARTIFACTS / f"browser_{name}.png"))
+
+
+def test_curve_in_the_nodes_2_0_renderer(page, comfy_server):
+    """The frontend's experimental Vue node renderer ("Nodes 2.0") shows and redraws the curve too."""
+    core = pack_module("tlora_core.schedule")
+    browser.set_setting(comfy_server.url, "Comfy.VueNodes.Enabled", True)
+    try:
+        page.reload()
+        page.wait_for_function("window.app && window.app.graph && window.app.canvas")
+        page.evaluate("""() => { app.graph.clear(); const n = LiteGraph.createNode('TLoraSchedule');
+                                 n.pos = [300, 200]; app.graph.add(n); app.canvas.setDirty(true, true); }""")
+        page.wait_for_function("document.querySelector('canvas.tlora-curve')?.dataset.ranks")
+        field = page.locator('input[aria-label="alpha"]')
+        field.click()
+        page.keyboard.press("Control+a")
+        page.keyboard.type("3")
+        page.mouse.click(900, 750)
+        want = [r for _, r in core.rank_table(core.Schedule(max_rank=64, min_rank=1, alpha=3.0))]
+        try:
+            page.wait_for_function(f"document.querySelector('canvas.tlora-curve').dataset.ranks === '{json.dumps(want, separators=(',', ':'))}'",
+                                   timeout=10000)
+        except Exception:
+            page.screenshot(path=str(ARTIFACTS / "browser_failure.png"))
+            raise AssertionError(page.evaluate("[app.graph._nodes[0].widgets.find(w => w.name === 'alpha').value, document.querySelector('canvas.tlora-curve').dataset.ranks]"))
+        page.screenshot(path=str(ARTIFACTS / "browser_nodes_2_0.png"))
+    finally:
+        browser.set_setting(comfy_server.url, "Comfy.VueNodes.Enabled", False)
+        page.reload()
+        page.wait_for_function("window.app && window.app.graph && window.app.canvas")
