@@ -1,0 +1,167 @@
+"""LyCORIS base terms rebuilt by tlora_core.svd, against independent references: torch.linalg.svd in
+float64 and lycoris-lora's own TLoraModule (its fp32 SVD init, stored as base_p/base_lambda/base_q).
+
+Only products are defined (singular-vector signs are arbitrary), so products are compared, for every
+prefix mask. Where two singular values at a boundary nearly coincide, lycoris' own fp32 result is
+not reproducible: those boundaries must be flagged, all others must match to 1e-5.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from devkit.host import pack_module
+
+svd = pack_module("tlora_core.svd")
+TOL = 1e-5
+
+
+def spectrum_matrix(o, i, s, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    k = min(o, i)
+    u = torch.linalg.qr(torch.randn(o, k, generator=g, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(i, k, generator=g, dtype=torch.float64))[0]
+    s = torch.as_tensor(s, dtype=torch.float64)
+    return ((u[:, : s.numel()] * s) @ v[:, : s.numel()].t()).to(dtype)
+
+
+def decaying(o, i, decay=0.93, seed=0):
+    return spectrum_matrix(o, i, 2.0 * decay ** torch.arange(min(o, i), dtype=torch.float64), seed)
+
+
+def prefix_products(p, lam, q, k):
+    return (p[:, :k].double() * lam.reshape(-1)[:k].double()) @ q[:k].double()
+
+
+def rel(a, b):
+    n = b.norm().item()
+    return (a - b).norm().item() / n if n else (a - b).norm().item()
+
+
+def lycoris_module(weight, rank, sig_type="principal"):
+    import lycoris.modules.tlora as lt
+
+    lin = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(weight)
+    orig, threads = lt.gc.collect, torch.get_num_threads()
+    lt.gc.collect = lambda *a: 0  # lycoris cleans up after every init; pure overhead here
+    torch.set_num_threads(1)  # its small SVD: OpenMP sync dominates on a busy 2-core box
+    try:
+        return lt.TLoraModule("m", lin, lora_dim=rank, alpha=rank, sig_type=sig_type)
+    finally:
+        lt.gc.collect = orig
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("method", ["dense", "iterative"])
+@pytest.mark.parametrize("shape", [(300, 200), (200, 330), (640, 160)])
+def test_products_match_float64_svd(method, shape):
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(3)) / math.sqrt(shape[1])
+    u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
+    r = 24
+    t = svd.base_terms(w, r, method=method)
+    assert t.p.shape == (shape[0], r) and t.q.shape == (r, shape[1]) and t.lam.shape == (r,)
+    for k in range(1, r + 1):
+        ref = (u[:, :k] * s[:k]) @ vh[:k]
+        assert rel(prefix_products(t.p, t.lam, t.q, k), ref) < 2e-6, (method, k)
+    # the singular values themselves
+    assert torch.allclose(t.lam.double(), s[:r], rtol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["dense", "iterative"])
+def test_matches_lycoris_own_base_at_every_prefix(method):
+    """Separated (trained-like) spectrum: every boundary is well defined and must match lycoris."""
+    w = decaying(192, 256, decay=0.9)
+    r = 16
+    mod = lycoris_module(w, r)
+    t = svd.base_terms(w, r, method=method)
+    assert t.ill_conditioned == []
+    for k in range(1, r + 1):
+        ref = prefix_products(mod.base_p, mod.base_lambda, mod.base_q, k)
+        assert rel(prefix_products(t.p, t.lam, t.q, k), ref) <= TOL, k
+
+
+@pytest.mark.parametrize("method", ["dense", "iterative"])
+def test_random_weights_match_or_are_flagged(method):
+    """Random (Marchenko-Pastur) weights: boundaries either match lycoris to 1e-5 or are flagged."""
+    w = torch.randn(256, 256, generator=torch.Generator().manual_seed(5)) / 16
+    r = 32
+    mod = lycoris_module(w, r)
+    t = svd.base_terms(w, r, method=method)
+    mismatched = []
+    for k in range(1, r + 1):
+        err = rel(prefix_products(t.p, t.lam, t.q, k), prefix_products(mod.base_p, mod.base_lambda, mod.base_q, k))
+        if err > TOL:
+            mismatched.append(k)
+    assert set(mismatched) <= set(t.ill_conditioned), (mismatched, t.ill_conditioned)
+
+
+def test_near_coincident_singular_values_are_flagged():
+    s = [3.0, 2.5, 2.0, 1.6, 1.3, 1.3 * (1 - 1e-7), 0.9, 0.7, 0.5]
+    w = spectrum_matrix(120, 90, s)
+    t = svd.base_terms(w, 8)
+    assert 5 in t.ill_conditioned  # s5 ~= s6: the top-5 split is ill-defined
+    assert 4 not in t.ill_conditioned and 6 not in t.ill_conditioned
+    # the ill-defined split still gives the right *union* of the two directions
+    u, sv, vh = torch.linalg.svd(w.double(), full_matrices=False)
+    assert rel(prefix_products(t.p, t.lam, t.q, 6), (u[:, :6] * sv[:6]) @ vh[:6]) < 1e-6
+
+
+def test_flagging_rule_is_the_fp32_perturbation_bound():
+    s = torch.tensor([1.0, 0.5, 0.5 - 1e-3, 0.1])
+    flagged = svd.ill_conditioned_boundaries(s, 3)
+    # gap 0.5 and 0.399 are far above eps32 * s1 / 1e-5 = 1.2e-2; gap 1e-3 is below
+    assert flagged == [2]
+
+
+def test_rank_beyond_matrix_is_padded_like_lycoris():
+    w = decaying(6, 10, decay=0.7)
+    mod = lycoris_module(w, 8)
+    t = svd.base_terms(w, 8)
+    assert t.p.shape == (6, 8) and t.q.shape == (8, 10)
+    assert torch.allclose(t.lam[6:], mod.base_lambda.reshape(-1)[6:])
+    for k in range(1, 9):
+        ref = prefix_products(mod.base_p, mod.base_lambda, mod.base_q, k)
+        assert rel(prefix_products(t.p, t.lam, t.q, k), ref) <= TOL
+
+
+@pytest.mark.parametrize("sig_type", ["last", "middle"])
+def test_other_sig_types_match_lycoris(sig_type):
+    w = decaying(40, 30, decay=0.85)
+    mod = lycoris_module(w, 6, sig_type)
+    t = svd.base_terms(w, 6, sig_type)
+    full_ref = prefix_products(mod.base_p, mod.base_lambda, mod.base_q, 6)
+    assert rel(prefix_products(t.p, t.lam, t.q, 6), full_ref) <= TOL
+
+
+def test_half_precision_weight_is_read_as_fp32():
+    """lycoris takes the SVD of ``weight.float()``: a bf16 base gives the SVD of its exact fp32 values."""
+    w = decaying(128, 96).to(torch.bfloat16)
+    t = svd.base_terms(w, 8)
+    u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
+    assert rel(prefix_products(t.p, t.lam, t.q, 8), (u[:, :8] * s[:8]) @ vh[:8]) < 1e-6
+
+
+def test_weight_is_streamed_in_chunks(monkeypatch):
+    """Peak extra memory ~ one Gram matrix: a non-fp32 weight is converted a row-chunk at a time,
+    never as a whole (fp32 or float64) copy."""
+    w = decaying(2048, 128).to(torch.bfloat16)
+    monkeypatch.setattr(svd, "_CHUNK_ELEMS", 128 * 256)
+    sizes = []
+    orig_to = torch.Tensor.to
+
+    def spy(self, *a, **k):
+        out = orig_to(self, *a, **k)
+        if out.data_ptr() != self.data_ptr():
+            sizes.append(out.numel())
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "to", spy)
+    t = svd.base_terms(w, 8, method="iterative")
+    assert max(sizes) <= 128 * 256 < w.numel()
+    u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
+    assert rel(prefix_products(t.p, t.lam, t.q, 8), (u[:, :8] * s[:8]) @ vh[:8]) < 2e-6

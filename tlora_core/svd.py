@@ -1,0 +1,359 @@
+"""The top singular triplets of a base weight: LyCORIS ``tlora``'s frozen base terms, rebuilt fast.
+
+LyCORIS files do not store their base terms ``P0 diag(lambda0) Q0``: they are the top-r singular
+triplets of the adapted base weight W (fp32, ``sig_type="principal"``), which lycoris-lora took
+with a full ``torch.linalg.svd``. A full SVD of every layer is the slow part of loading such a file
+(seconds to a minute per layer at real width), and only r (<= 128 or so) of its thousands of
+triplets are used. Here only those are computed:
+
+- ``dense``: the Gram matrix of the smaller side in float64 and ``eigh``; exact to float64 and the
+  fastest for small layers (tests, tiny models).
+- ``iterative``: Chebyshev-filtered subspace iteration on the fp32 Gram matrix (BLAS-3 products of
+  an n x k block, k ~ 2r), then a Rayleigh-Ritz step against W itself in float64. It stops on the
+  residuals, so it adapts to the spectrum: a random (Marchenko-Pastur) layer, the hardest case,
+  takes ~20 block products. Its error in the products is ~1e-6 relative, far below the rounding
+  of the trainer's own fp32 SVD.
+
+Only products are defined, not the signs of singular vectors; and where two singular values at a
+mask boundary nearly coincide, the split between "active" and "inactive" base ranks is defined
+only up to the trainer's fp32 rounding: ``BaseTerms.ill_conditioned`` lists those boundaries
+(see ``ill_conditioned_boundaries``), for every method alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+EPS32 = float(torch.finfo(torch.float32).eps)
+# Products at a mask boundary are compared with the trainer's fp32 SVD to this relative error.
+REPRODUCIBLE_TOL = 1e-5
+ITERATIVE_MAX_ERROR = 1e-4  # a-posteriori bound above which the iterative result is not used
+DENSE_MAX = 768  # smaller side at or below this: dense float64 (fast enough, exact)
+_CHUNK_ELEMS = 1 << 23  # rows per chunk when streaming W (keeps the extra memory ~ one Gram matrix)
+
+
+@dataclass
+class BaseTerms:
+    """``P0 (out, r)``, ``lambda0 (r,)``, ``Q0 (r, in)`` in float32, as lycoris-lora stores them."""
+
+    p: torch.Tensor
+    lam: torch.Tensor
+    q: torch.Tensor
+    # mask boundaries k (k ranks active) where s_k and s_{k+1} nearly coincide: the trainer's own
+    # fp32 SVD reproduces the base term there only to ~ eps32 * s_1 / (s_k - s_{k+1})
+    ill_conditioned: list = field(default_factory=list)
+    est_error: float = 0.0  # a-posteriori bound on this computation's own error in the products
+    method: str = ""
+
+
+def ill_conditioned_boundaries(s: torch.Tensor, rank: int, tol: float = REPRODUCIBLE_TOL) -> list[int]:
+    """Boundaries k in 1..rank where the top-k part of an fp32 SVD is not reproducible to ``tol``.
+
+    ``s`` holds the singular values s_1..s_{rank+1} (descending; fewer when the matrix is smaller).
+    A backward-stable fp32 SVD has an error of ~eps32 * s_1 in W, hence ~eps32 * s_1 / gap_k in the
+    rank-k product (Wedin); measured against a float64 SVD the constant is below 1. A boundary is
+    flagged when that bound exceeds ``tol``.
+    """
+    s = s.double().cpu()
+    if s.numel() == 0 or float(s[0]) == 0.0:
+        return []
+    s1 = float(s[0])
+    out = []
+    for k in range(1, rank + 1):
+        if k > s.numel():
+            break
+        nxt = float(s[k]) if k < s.numel() else 0.0
+        gap = float(s[k - 1]) - nxt
+        if gap <= 0 or EPS32 * s1 / gap > tol:
+            out.append(k)
+    return out
+
+
+def base_terms(weight: torch.Tensor, rank: int, sig_type: str = "principal", *, method: str = "auto",
+               device=None, seed: int = 0) -> BaseTerms:
+    """lycoris-lora's base terms for ``weight`` (out, in): top ``rank`` singular triplets.
+
+    ``weight`` may be any float dtype (it is read in fp32 chunks, like lycoris' ``weight.float()``)
+    and any device; ``device`` is where to compute (default: the weight's). ``rank`` larger than
+    the matrix is padded as lycoris pads (zero vectors, lambda 1e-6).
+    """
+    if weight.ndim != 2:
+        raise ValueError(f"base_terms needs a 2-D weight, got shape {tuple(weight.shape)}")
+    with torch.no_grad():
+        return _base_terms(weight.detach(), rank, sig_type, method, device, seed)
+
+
+def _base_terms(weight, rank, sig_type, method, device, seed) -> BaseTerms:
+    if device is not None:
+        device = torch.device(device)
+    out_f, in_f = weight.shape
+    small = min(out_f, in_f)
+    r = min(rank, small)
+    if sig_type != "principal":
+        p, s, q, s_all = _dense_full(weight, device)
+        idx = _select(sig_type, s_all.numel(), r)
+        p, lam, q = p[:, idx], s_all[idx], q[idx]
+        ill = []  # not a prefix of the spectrum: conditioning is not the principal-gap kind
+        method_used, est = "dense-full", 0.0
+    else:
+        k_need = min(r + 1, small)
+        if method == "auto":
+            method = "dense" if small <= max(DENSE_MAX, 4 * (2 * r)) else "iterative"
+        if method == "dense":
+            p, s, q = _dense_top(weight, k_need, device)
+            est = 0.0
+        elif method == "iterative":
+            with _ieee_fp32():
+                p, s, q, est = _iterative_top(weight, k_need, device, seed)
+            if not est <= ITERATIVE_MAX_ERROR:  # not converged (pathological spectrum): be exact instead
+                p, s, q = _dense_top(weight, k_need, device)
+                est, method = 0.0, "dense (iterative did not converge)"
+        else:
+            raise ValueError(f"unknown method {method!r}")
+        method_used = method
+        ill = ill_conditioned_boundaries(s, r)
+        p, lam, q = p[:, :r], s[:r], q[:r]
+    p = p.float().cpu()
+    lam = lam.float().cpu()
+    q = q.float().cpu()
+    if r < rank:  # lycoris pads the missing ranks with zero vectors and lambda 1e-6
+        pad = rank - r
+        p = torch.nn.functional.pad(p, (0, pad))
+        q = torch.nn.functional.pad(q, (0, 0, 0, pad))
+        lam = torch.nn.functional.pad(lam, (0, pad), value=1e-6)
+    return BaseTerms(p.contiguous(), lam.contiguous(), q.contiguous(), ill, est, method_used)
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """Small LAPACK calls (eigh of a k x k matrix, QR/Cholesky of a tall block) on one thread: with
+    more, OpenMP synchronisation costs 10-100x their work on a busy CPU."""
+    n = torch.get_num_threads()
+    if n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+@contextlib.contextmanager
+def _ieee_fp32():
+    """Full-precision fp32 matmuls on GPUs while computing (TF32 would cost 3 digits)."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def _select(sig_type: str, n: int, r: int) -> list[int]:
+    """lycoris' ``sig_type`` choice of r singular triplets out of n."""
+    if sig_type == "last":
+        return list(range(n - r, n))
+    if sig_type == "middle":
+        start = (n - r) // 2
+        return list(range(start, start + r))
+    raise ValueError(f"unknown sig_type {sig_type!r} (principal, last, middle)")
+
+
+def _oriented(weight: torch.Tensor, device):
+    """``A`` = W or W^T so that A is tall (M >= N): the Gram matrix A^T A is the small one."""
+    A = weight if weight.shape[0] >= weight.shape[1] else weight.t()
+    if device is not None and A.device != device:
+        A = A.to(device)
+    return A, weight.shape[0] < weight.shape[1]
+
+
+def _chunks(M: int, N: int, same_dtype: bool = False):
+    """Row slices of an (M, N) matrix; one slice when no conversion (hence no copy) is needed."""
+    step = M if same_dtype else max(1, _CHUNK_ELEMS // max(N, 1))
+    for i in range(0, M, step):
+        yield slice(i, min(M, i + step))
+
+
+def _gram(A: torch.Tensor, dtype) -> torch.Tensor:
+    """A^T A in ``dtype``, streaming A by rows (no full-size converted copy of W).
+
+    Only the upper block triangle is multiplied (then mirrored): ~60% of a full product.
+    """
+    M, N = A.shape
+    G = torch.zeros(N, N, dtype=dtype, device=A.device)
+    nb = max(1, min(4, N // 256))
+    edges = [round(i * N / nb) for i in range(nb + 1)]
+    for sl in _chunks(M, N, A.dtype == dtype):
+        Ac = A[sl].to(dtype)
+        for j in range(nb):
+            j0, j1 = edges[j], edges[j + 1]
+            G[:j1, j0:j1].addmm_(Ac[:, :j1].t(), Ac[:, j0:j1])
+    for j in range(nb):  # mirror the strictly-lower blocks from the upper ones
+        j0, j1 = edges[j], edges[j + 1]
+        G[j1:, j0:j1] = G[j0:j1, j1:].t()
+    return G
+
+
+def _times(A: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """A @ X with A's rows converted chunk by chunk to X's dtype."""
+    M, N = A.shape
+    out = torch.empty(M, X.shape[1], dtype=X.dtype, device=X.device)
+    for sl in _chunks(M, N, A.dtype == X.dtype):
+        out[sl] = A[sl].to(X.dtype) @ X
+    return out
+
+
+def _times_t(A: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """A^T @ Y, streaming A by rows."""
+    M, N = A.shape
+    out = torch.zeros(N, Y.shape[1], dtype=Y.dtype, device=Y.device)
+    for sl in _chunks(M, N, A.dtype == Y.dtype):
+        out.addmm_(A[sl].to(Y.dtype).t(), Y[sl])
+    return out
+
+
+def _finish(A, transposed, V, s):
+    """Left vectors U = A V / s in float64; returns (P, s, Q) of the original orientation."""
+    U = _times(A, V)
+    nz = s > 0
+    U[:, nz] /= s[nz]
+    U[:, ~nz] = 0  # zero singular values: the product is zero whatever the vectors
+    if transposed:  # A = W^T: W = V s U^T
+        return V, s, U.t()
+    return U, s, V.t()
+
+
+def _dense_top(weight, k, device):
+    A, transposed = _oriented(weight, device)
+    with _one_thread() if A.shape[1] <= 2 * DENSE_MAX else contextlib.nullcontext():
+        G = _gram(A, torch.float64)
+        with _one_thread():
+            evals, evecs = torch.linalg.eigh(G)
+        evals = evals.flip(0)[:k].clamp_min(0)
+        V = evecs.flip(1)[:, :k].contiguous()
+        del G, evecs
+        return _finish(A, transposed, V, evals.sqrt())
+
+
+def _dense_full(weight, device):
+    """A float64 full SVD (for lycoris' ``last`` / ``middle`` choices, which need the whole spectrum)."""
+    w = weight.to(device) if device is not None else weight
+    u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
+    return u, s, vh, s
+
+
+# --- Chebyshev-filtered subspace iteration -------------------------------------------------------
+def _orthonormalize(X: torch.Tensor) -> torch.Tensor:
+    """Cholesky-QR twice in float64 (BLAS-3, cheap for a tall block); Householder if it breaks."""
+    with _one_thread():
+        return _cholqr2(X)
+
+
+def _cholqr2(X: torch.Tensor) -> torch.Tensor:
+    Xd = X.double()
+    for _ in range(2):
+        L, info = torch.linalg.cholesky_ex(Xd.t() @ Xd)
+        if int(info) != 0:
+            Xd = torch.linalg.qr(Xd)[0]
+            continue
+        Xd = torch.linalg.solve_triangular(L, Xd.t(), upper=False).t()
+    return Xd.to(X.dtype)
+
+
+def _upper_bound(G: torch.Tensor, gen: torch.Generator, steps: int = 24) -> float:
+    """An upper bound of G's largest eigenvalue: Lanczos (full reorthogonalisation) + its residual."""
+    n = G.shape[0]
+    steps = min(steps, n)
+    V = torch.zeros(n, steps + 1, dtype=torch.float64, device=G.device)
+    v = torch.randn(n, generator=gen, dtype=torch.float64).to(G.device)
+    V[:, 0] = v / v.norm()
+    alphas, betas = [], []
+    for j in range(steps):
+        w = (G @ V[:, j].to(G.dtype)).double()
+        alphas.append(float(w @ V[:, j]))
+        for _ in range(2):
+            w -= V[:, : j + 1] @ (V[:, : j + 1].t() @ w)
+        b = float(w.norm())
+        if b <= 1e-12 * max(abs(alphas[-1]), 1e-300):
+            break
+        betas.append(b)
+        V[:, j + 1] = w / b
+    k = len(alphas)
+    T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+    for i in range(k - 1):
+        T[i, i + 1] = T[i + 1, i] = betas[i]
+    ev, evec = torch.linalg.eigh(T)
+    tail = betas[k - 1] if len(betas) >= k else 0.0
+    return (float(ev[-1]) + abs(tail * float(evec[-1, -1]))) * (1 + 1e-3) + 1e-30
+
+
+def _chebyshev(G: torch.Tensor, X: torch.Tensor, degree: int, cut: float, top: float) -> torch.Tensor:
+    """p(G) X with p the degree-``degree`` Chebyshev polynomial small on [0, cut], p(top) = 1.
+
+    Eigen-directions above ``cut`` grow like T_d((lambda - c) / e) relative to those below; the
+    three-term recurrence is scaled by T_k at ``top`` so nothing overflows.
+    """
+    e = c = cut / 2
+    l0 = (top - c) / e
+    t_prev, t_cur = 1.0, l0
+    Y_prev = X
+    Y = (G @ X - c * X) * (1.0 / (e * l0))
+    for _ in range(1, degree):
+        t_next = 2 * l0 * t_cur - t_prev
+        Y_next = (G @ Y - c * Y) * (2 * t_cur / (e * t_next)) - Y_prev * (t_prev / t_next)
+        Y_prev, Y = Y, Y_next
+        t_prev, t_cur = t_cur, t_next
+    return Y
+
+
+def _iterative_top(weight, k, device, seed, block: Optional[int] = None, degree: int = 10,
+                   tol32: float = 1e-6, max_iter: int = 60):
+    A, transposed = _oriented(weight, device)
+    M, N = A.shape
+    b = min(N, block or max(2 * k, k + 32))
+    G = _gram(A, torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    with _one_thread():
+        top = _upper_bound(G, gen)
+    X = _orthonormalize(G @ torch.randn(N, b, generator=gen).to(G.device))
+    cut = None
+    for _ in range(max_iter):
+        if cut is not None:
+            X = _orthonormalize(_chebyshev(G, X, degree, cut, top))
+        GX = G @ X
+        with _one_thread():
+            H = X.double().t() @ GX.double()
+            theta, Z = torch.linalg.eigh((H + H.t()) / 2)
+            theta, Z = theta.flip(0), Z.flip(1)
+            X = (X.double() @ Z).float()
+            GX = (GX.double() @ Z).float()
+            res = ((GX[:, :k] - X[:, :k] * theta[:k].float()).norm(dim=0) / top).max()
+        cut = max(float(theta[-1]), 1e-12 * top)
+        if float(res) < tol32:
+            break
+    del G, GX
+    # Rayleigh-Ritz against A itself in float64: exact inside the block, whatever fp32 did
+    Q = X.double()
+    Zm = _times(A, Q)
+    with _one_thread():
+        Uz, Sz, Vzh = torch.linalg.svd(Zm, full_matrices=False)
+        V = Q @ Vzh.t()
+    U, s = Uz[:, :k], Sz[:k]
+    V = V[:, :k].contiguous()
+    # residual of the triplets: |A^T u - s v|; error bound via the gap to the rest of the block
+    R = _times_t(A, U) - V * s
+    res64 = float((R.norm(dim=0)).max()) if k else 0.0
+    gap_out = float(Sz[k - 1] - Sz[-1]) if Sz.numel() > k else float(Sz[k - 1])
+    est = res64 / gap_out if gap_out > 0 else math.inf
+    if transposed:
+        return V, s, U.t(), est
+    return U, s, V.t(), est
