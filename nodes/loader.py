@@ -10,14 +10,9 @@ from comfy_api.latest import io
 import folder_paths
 
 from ..tlora_core import schedule as sched
+from ..tlora_core.formats import read_tlora
+from . import keymap, patcher
 from .schedule import CATEGORY, ScheduleOverrides, TLoraScheduleType
-
-CACHE_DIR_NAME = "tlora_cache"
-
-
-def cache_dir() -> str:
-    """Where bases computed from the model's weights (LyCORIS' SVD terms) are kept between runs."""
-    return os.path.join(folder_paths.get_user_directory(), CACHE_DIR_NAME)
 
 
 def lora_path(lora_name: str) -> str:
@@ -42,8 +37,7 @@ def info_text(lora_name: str, tfile, bound, schedule: sched.Schedule, strength: 
         lines.append(f"  {name} = {getattr(schedule, name)}  ({schedule.sources.get(name, 'default')})")
     if schedule.mode == sched.TIMESTEP:
         lines.append("active rank at t: " + ", ".join(f"{t:g}: {r}" for t, r in sched.rank_table(schedule)))
-    notes = list(getattr(tfile.schedule, "notes", []) or []) + list(getattr(bound, "notes", []) or [])
-    lines += [f"note: {n}" for n in notes]
+    lines += [f"note: {n}" for n in bound.notes]  # the file's notes and the binding's
     return "\n".join(lines)
 
 
@@ -96,18 +90,14 @@ class TLoraLoader(io.ComfyNode):
     @classmethod
     def execute(cls, model, lora_name: str, strength_model: float,
                 schedule: Optional[ScheduleOverrides] = None) -> io.NodeOutput:
-        from ..tlora_core.formats import read_tlora
-        from . import keymap, patcher
-
-        tfile = read_tlora(lora_path(lora_name))
+        # a schedule given here says "this is a T-LoRA": layouts plain LoRAs share are accepted then
+        tfile = read_tlora(lora_path(lora_name), assume_tlora=schedule is not None)
         effective = tfile.schedule
         if schedule is not None:
             effective = schedule.resolve(effective, lora_name)
-        bound = keymap.bind_tlora(model, tfile, cache_dir=cache_dir(), progress=True)
-        if not bound.matched:
-            sample = ", ".join(list(bound.unmatched)[:5])
-            raise ValueError(f"T-LoRA Loader: none of the {len(bound.unmatched)} modules of {lora_name} match this model "
-                             f"({type(model.model).__name__}); was it trained for another model? Unmatched: {sample}")
+        # raises, naming the file, when nothing fits this model; LyCORIS base terms are cached on disk in
+        # keymap's default place, <ComfyUI user dir>/tlora_cache ($COMFYUI_TLORA_CACHE overrides it)
+        bound = keymap.bind_tlora(model, tfile, cache_dir=None, progress=True)
         info = info_text(lora_name, tfile, bound, effective, strength_model)
         if strength_model == 0:
             info += "\nstrength 0: the model is left as it was"
