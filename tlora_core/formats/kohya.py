@@ -39,7 +39,8 @@ def read(path: str, tensors: dict, metadata: dict) -> TLoRAFile:
     if any(k.startswith("ss_tlora_") for k in metadata):
         found.append(("file metadata ss_tlora_*", meta))
     if not found:
-        raise TLoRAFormatError(path, "a plain LoRA (lora_down/lora_up) without a T-LoRA schedule (no ss_tlora_* "
+        what = "a LyCORIS lora/locon file" if any(k.startswith("lycoris_") for k in tensors) else "a plain LoRA"
+        raise TLoRAFormatError(path, f"{what} (lora_down/lora_up) without a T-LoRA schedule (no ss_tlora_* "
                                      f"metadata, no sidecar with tlora settings): {LORA_LOADER_HINT}")
     groups = group_keys(tensors, SUFFIXES)
     modules, lookup, te, conv = {}, {}, [], []

@@ -163,6 +163,7 @@ def write_self_contained(src_path: str, dst_path: str, base_terms: dict, base_in
 
     from .base import load_state_dict
 
+    src_path, dst_path = os.fspath(src_path), os.fspath(dst_path)
     tensors, metadata = load_state_dict(src_path)
     names = {k.split(".", 1)[0] for k in tensors if k.endswith(".lambda_layer")}
     missing = sorted(names - set(base_terms))
