@@ -174,3 +174,15 @@ def test_curve_in_the_nodes_2_0_renderer(page, comfy_server):
         browser.set_setting(comfy_server.url, "Comfy.VueNodes.Enabled", False)
         page.reload()
         page.wait_for_function("window.app && window.app.graph && window.app.canvas")
+
+
+def test_examples_are_in_the_template_browser(page):
+    page.evaluate("async () => { await app.extensionManager.command.execute('Comfy.BrowseTemplates'); }")
+    page.get_by_text("ComfyUI-TLoRA", exact=True).first.click()
+    for name in ("sdxl_tlora_txt2img", "flux_tlora_txt2img", "tlora_vs_plain_lora"):
+        page.get_by_text(name, exact=True).first.wait_for()
+    page.screenshot(path=str(ARTIFACTS / "browser_templates.png"))
+    page.get_by_text("flux_tlora_txt2img", exact=True).first.click()  # opening one loads it
+    page.wait_for_function("app.graph._nodes.some(n => n.type === 'TLoraLoader') && "
+                           "app.graph._nodes.some(n => n.type === 'UNETLoader')")
+    page.keyboard.press("Escape")
