@@ -104,6 +104,9 @@ def step_index(sigma: float, sample_sigmas: Sequence[float]) -> int:
     # ascending copy for bisect; tolerance absorbs float round-off in the sampler's arithmetic
     asc = [-float(s) for s in sample_sigmas]
     tol = 1e-6 * max(1.0, abs(float(sample_sigmas[0])))
+    gaps = [a - b for a, b in zip(asc[1:], asc) if a > b]
+    if gaps:  # never let the tolerance reach a neighbouring scheduled sigma
+        tol = min(tol, 0.5 * min(gaps))
     i = bisect.bisect_right(asc, -float(sigma) + tol) - 1
     return min(max(i, 0), n - 1)
 
@@ -128,3 +131,15 @@ def rank_mask(ranks: Sequence[int] | int, max_rank: int, dtype=torch.float32, de
 def rank_table(schedule: Schedule, timesteps: Sequence[float] = (0, 250, 500, 750, 999)) -> list[tuple[float, int]]:
     """(t, active rank) pairs, e.g. for the README table and the node's info text."""
     return [(t, rank_at_timestep(t, schedule)) for t in timesteps]
+
+
+def markdown_rank_table(alphas: Sequence[float] = (0.5, 1.0, 2.0), max_rank: int = 64, min_rank: int = 1,
+                        timesteps: Sequence[float] = (0, 250, 500, 750, 999), max_timestep: int = 1000) -> str:
+    """The README's rank table, generated from ``rank_at_timestep`` (so the docs cannot drift)."""
+    head = "| alpha | " + " | ".join(f"t={t:g}" for t in timesteps) + " |"
+    sep = "|---|" + "---|" * len(timesteps)
+    rows = []
+    for a in alphas:
+        s = Schedule(max_rank=max_rank, min_rank=min_rank, alpha=a, max_timestep=max_timestep)
+        rows.append(f"| {a:g} | " + " | ".join(str(r) for _, r in rank_table(s, timesteps)) + " |")
+    return "\n".join([head, sep] + rows)
