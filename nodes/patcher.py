@@ -99,8 +99,9 @@ class TLoraRuntime:
         if self.prev is not None and hasattr(self.prev, "to"):
             self.prev = self.prev.to(device_or_dtype)
         if isinstance(device_or_dtype, (torch.device, str)) and self._cache_key is not None:
-            if torch.device(device_or_dtype) != self._cache_key[0]:
-                self._cache_key, self._cache = None, []
+            new, cached = torch.device(device_or_dtype), self._cache_key[0]
+            if new.type != cached.type or (new.index is not None and cached.index is not None and new.index != cached.index):
+                self._cache_key, self._cache = None, []  # the model left that device: free the copies there
         return self
 
     def models(self):
