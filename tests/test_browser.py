@@ -125,7 +125,7 @@ def test_find_add_and_edit_the_schedule_node(page):
 
 
 @pytest.mark.parametrize("name", ["sdxl_tlora_txt2img", "flux_tlora_txt2img", "tlora_vs_plain_lora"])
-def test_examples_load_in_the_frontend(page, name):
+def test_examples_load_in_the_frontend(page, comfy_server, name):
     wf = json.loads((wfs.EXAMPLES / f"{name}.json").read_text())
     page.evaluate("async (wf) => { await app.loadGraphData(wf, true, false); }", wf)
     loaded = page.evaluate("() => app.graph._nodes.map(n => [n.id, n.type, !!LiteGraph.registered_node_types[n.type]])")
@@ -133,6 +133,16 @@ def test_examples_load_in_the_frontend(page, name):
     assert page.evaluate("() => app.graph.links.size ?? Object.keys(app.graph.links).length") == len(wf["links"])
 
     prompt = page.evaluate("async () => (await app.graphToPrompt()).output")
+    # the frontend reads every widget value as the workflow means it (the validator's reading)
+    object_info = comfy_server.get("/object_info")
+    for node in wf["nodes"]:
+        if node["type"] in wfs.VIRTUAL or node["mode"] == wfs.MODE_BYPASS:
+            assert str(node["id"]) not in prompt
+            continue
+        slots = wfs.widget_slots(object_info[node["type"]])
+        meant = {s[0]: v for s, v in zip(slots, node["widgets_values"]) if not s[0].endswith(":control")}
+        got = prompt[str(node["id"])]["inputs"]
+        assert {k: got.get(k) for k in meant} == meant, node["type"]
     loaders = [n for n in prompt.values() if n["class_type"] == "TLoraLoader"]
     assert len(loaders) == 1
     inputs = loaders[0]["inputs"]
