@@ -8,7 +8,8 @@ formats ComfyUI's own loaders auto-detect:
   ``SD15.unet_config`` requires) cut down to one level, one res block and one transformer block,
   so ``model_detection`` finds ``SD15`` (~19M params, discrete eps sampling). Its seeded random
   weights are wired into a crude denoiser (wire_denoiser_) so that sampling converges and the
-  picture comes from the transformer blocks, where the T-LoRA acts. CLIP-L is ComfyUI's full-size
+  picture comes from the transformer blocks, where the T-LoRA acts, and the T-LoRA's target
+  weights get well-separated top singular values (separate_spectra_), like trained weights. CLIP-L is ComfyUI's full-size
   one (its config is fixed) with seeded random weights, stored fp16. The VAE is a TAESD (detected
   from its ``taesd_decoder.*`` keys) whose decoder maps each latent channel to a colour, smoothed,
   so differences between latents are visible differences between images. ~330 MB, mostly CLIP.
@@ -28,7 +29,9 @@ It imports ComfyUI in-process (devkit.host.load_comfy()).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -39,7 +42,7 @@ import torch
 
 from .host import ROOT
 
-VERSION = "1"  # bump when anything below changes the files
+VERSION = "2"  # bump when anything below changes the files
 CACHE_DIR = ROOT / ".cache" / "demo-assets"
 
 CHECKPOINT = "tlora_demo_sd15_tiny.safetensors"  # under models/checkpoints/
@@ -136,9 +139,35 @@ def build_unet(seed: int = SEED):
     config.set_inference_dtype(torch.float32, None)
     model = config.get_model({}, device="cpu")
     seeded_init_(model.diffusion_model, seed)
+    separate_spectra_(model.diffusion_model, LYCORIS_CONFIG["linear_dim"])
     wire_denoiser_(model.diffusion_model)
     return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
                                             offload_device=mm.unet_offload_device())
+
+
+def separate_spectra_(unet, rank: int, step: float = 0.05) -> None:
+    """Space the top ``rank + 1`` singular values of the T-LoRA's target weights ``step * s_1`` apart.
+
+    A LyCORIS T-LoRA file lacks its frozen base terms; loaders rebuild them from the top singular
+    triplets of the base weight, which fixes the rank-k split only if s_k and s_k+1 are apart.
+    Trained weights have decaying spectra; a random matrix's top singular values nearly coincide,
+    so the split would be ill-conditioned (and the loader rightly warns). Only the top values move
+    (the singular vectors stay), in float64, deterministically.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # see write_tlora: multi-threaded SVD is very slow with ComfyUI imported
+    try:
+        with torch.no_grad():
+            for name, p in sorted(unet.named_parameters(), key=lambda kv: kv[0]):
+                if p.ndim != 2 or ".transformer_blocks." not in name or not (".attn" in name or ".ff." in name):
+                    continue
+                u, sv, vh = torch.linalg.svd(p.double(), full_matrices=False)
+                k = min(rank + 1, sv.numel())
+                floor = float(sv[k]) if k < sv.numel() else 0.0
+                sv[:k] = floor + step * float(sv[0]) * torch.arange(k, 0, -1, dtype=torch.float64)
+                p.copy_((u * sv) @ vh)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def wire_denoiser_(unet) -> None:
@@ -255,7 +284,6 @@ def write_tlora(checkpoint: Path, path: Path, seed: int = SEED + 3) -> None:
     """A SimpleTuner-style LyCORIS T-LoRA for the UNet in ``checkpoint`` (see module doc)."""
     import comfy.sd
     import lycoris
-    import lycoris.modules.tlora
     from lycoris import LycorisNetwork, create_lycoris
 
     from .diffusers_named import diffusers_copy
@@ -266,19 +294,13 @@ def write_tlora(checkpoint: Path, path: Path, seed: int = SEED + 3) -> None:
     # SimpleTuner: apply the preset, pop the positional values, pass the rest as keyword arguments.
     # apply_preset sets class attributes; restore them so other in-process users are unaffected.
     saved = {k: getattr(LycorisNetwork, k) for k in dir(LycorisNetwork) if k.isupper()}
-    # Speed only: T-LoRA's init runs one small SVD and a gc.collect() per module. With ComfyUI
-    # imported, a 2-thread SVD here takes seconds (1 thread: ~50 ms) and each collect ~0.5 s.
-    threads, tlora_gc = torch.get_num_threads(), lycoris.modules.tlora.gc
     try:
-        torch.set_num_threads(1)
-        lycoris.modules.tlora.gc = types.SimpleNamespace(collect=lambda: 0)
-        LycorisNetwork.apply_preset(cfg["apply_preset"])
-        multiplier, dim, alpha = cfg.pop("multiplier"), cfg.pop("linear_dim"), cfg.pop("linear_alpha")
-        network = create_lycoris(copy.root, multiplier, dim, alpha, **cfg)
-        network.apply_to()  # registers the modules with the network (its state_dict is the file)
+        with fast_lycoris():
+            LycorisNetwork.apply_preset(cfg["apply_preset"])
+            multiplier, dim, alpha = cfg.pop("multiplier"), cfg.pop("linear_dim"), cfg.pop("linear_alpha")
+            network = create_lycoris(copy.root, multiplier, dim, alpha, **cfg)
+            network.apply_to()  # registers the modules with the network (its state_dict is the file)
     finally:
-        torch.set_num_threads(threads)
-        lycoris.modules.tlora.gc = tlora_gc
         for k, v in saved.items():
             setattr(LycorisNetwork, k, v)
     modules = [m for m in network.loras if isinstance(m, lycoris.TLoraModule)]
@@ -295,6 +317,29 @@ def write_tlora(checkpoint: Path, path: Path, seed: int = SEED + 3) -> None:
                 noise = torch.randn(w.shape, generator=gen)
                 layer.weight.copy_(w + PQ_TURN * noise / math.sqrt(max(w.shape)))
     network.save_weights(str(path), torch.float32, {"lycoris_config": json.dumps(LYCORIS_CONFIG)})
+
+
+@contextlib.contextmanager
+def fast_lycoris():
+    """lycoris-lora T-LoRA set-up in a process that imported ComfyUI: quiet and in seconds.
+
+    T-LoRA's init runs one small SVD and a gc.collect() per module. With ComfyUI imported, a
+    2-thread SVD takes seconds (1 thread: ~50 ms) and each collect ~0.5 s; lycoris also logs every
+    step at INFO to stdout. Speed and noise only (one thread also keeps the SVDs reproducible).
+    """
+    import lycoris.logging
+    import lycoris.modules.tlora
+
+    threads, tlora_gc, level = torch.get_num_threads(), lycoris.modules.tlora.gc, lycoris.logging.logger.level
+    try:
+        torch.set_num_threads(1)
+        lycoris.modules.tlora.gc = types.SimpleNamespace(collect=lambda: 0)
+        lycoris.logging.logger.setLevel(logging.WARNING)
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        lycoris.modules.tlora.gc = tlora_gc
+        lycoris.logging.logger.setLevel(level)
 
 
 # --- helpers ------------------------------------------------------------------------------------
