@@ -196,3 +196,22 @@ def test_examples_are_in_the_template_browser(page):
     page.wait_for_function("app.graph._nodes.some(n => n.type === 'TLoraLoader') && "
                            "app.graph._nodes.some(n => n.type === 'UNETLoader')")
     page.keyboard.press("Escape")
+
+
+def test_widget_formula_is_the_trainers(page):
+    """The widget's JavaScript rank formula agrees with tlora_core.schedule on many settings."""
+    import random
+
+    core = pack_module("tlora_core.schedule")
+    rng = random.Random(0)
+    cases = []
+    for _ in range(400):
+        R = rng.choice([1, 2, 4, 8, 16, 32, 64, 128])
+        cases.append({"R": R, "rMin": rng.randint(0, R), "alpha": rng.choice([0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 7.5]),
+                      "T": rng.choice([1000, 1000, 500]), "t": rng.uniform(0, 1000)})
+    got = page.evaluate("""async (cases) => {
+        const m = await import('/extensions/ComfyUI-TLoRA/tlora_schedule.js');
+        return cases.map(c => m.rankAtTimestep(c.t, c)); }""", cases)
+    want = [core.rank_at_timestep(c["t"], core.Schedule(max_rank=c["R"], min_rank=c["rMin"], alpha=c["alpha"],
+                                                        max_timestep=c["T"])) for c in cases]
+    assert got == want
