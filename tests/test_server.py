@@ -164,3 +164,114 @@ def test_schedule_preview_runs_in_the_server(comfy_server, demo):
     assert ts[0] == 999.0 and ts == sorted(ts, reverse=True)
     assert ranks == [min(16, int(((1000 - int(t)) / 1000) ** 1.5 * 14) + 2) for t in ts]
     assert ranks[0] == 2 and ranks[-1] > 8
+
+
+DEMO_WORKFLOW = wfs.EXAMPLES / "api" / "demo_tiny_tlora.json"
+
+
+def demo_prompt(demo: dict) -> dict:
+    prompt = json.loads(DEMO_WORKFLOW.read_text())
+    for node in prompt.values():
+        if node["class_type"] == "CheckpointLoaderSimple":
+            node["inputs"]["ckpt_name"] = demo["checkpoint"]
+        if node["class_type"] == "TLoraLoader":
+            node["inputs"]["lora_name"] = demo["lora"]
+    return prompt
+
+
+def view(comfy_server, image: dict):
+    from PIL import Image
+    import io
+
+    png = comfy_server.get(f"/view?filename={image['filename']}&subfolder={image['subfolder']}&type={image['type']}")
+    return Image.open(io.BytesIO(png)).convert("RGB")
+
+
+def test_demo_workflow_runs_and_makes_images(comfy_server, demo):
+    import numpy as np
+
+    prompt = demo_prompt(demo)
+    entry = comfy_server.run_prompt(prompt)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    saved = {nid: entry["outputs"][nid]["images"] for nid, n in prompt.items() if n["class_type"] == "SaveImage"}
+    assert len(saved) == 4 and all(len(v) == 1 for v in saved.values())
+    images = {prompt[nid]["inputs"]["filename_prefix"].split("/")[-1]: np.asarray(view(comfy_server, v[0]), np.float32)
+              for nid, v in saved.items()}
+    assert images["tlora_masked"].shape == (128, 128, 3) and images["rank_per_step"].shape == (432, 768, 3)
+    # masked T-LoRA, every rank on every step, and no LoRA: three different pictures
+    for a, b in (("tlora_masked", "lora_unmasked"), ("tlora_masked", "base"), ("lora_unmasked", "base")):
+        assert np.abs(images[a] - images[b]).mean() > 1.0, (a, b)
+    # the loader read the file's own training settings (SimpleTuner's lycoris_config metadata)
+    infos = [entry["outputs"][nid]["text"][0] for nid, n in prompt.items()
+             if n["class_type"] == "PreviewAny" and prompt[n["inputs"]["source"][0]]["class_type"] == "TLoraLoader"]
+    (info,) = infos
+    cfg = demo["lycoris_config"]
+    assert f"  min_rank = {cfg['tlora_min_rank']}  (" in info and f"  alpha = {cfg['tlora_alpha']}  (" in info
+    assert "lycoris_config" in info and "0 not matched" in info
+
+
+def _error_of(entry: dict) -> dict:
+    assert entry["status"]["status_str"] == "error", entry["status"]
+    (err,) = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
+    return err
+
+
+def _loader_prompt(demo: dict, lora_name: str) -> dict:
+    return {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": demo["checkpoint"]}},
+            "2": {"class_type": "TLoraLoader",
+                  "inputs": {"model": ["1", 0], "lora_name": lora_name, "strength_model": 1.0}},
+            "3": {"class_type": "TLoraSchedulePreview",
+                  "inputs": {"model": ["2", 0], "sampler_name": "euler", "scheduler": "normal", "steps": 5,
+                             "denoise": 1.0}},
+            "4": {"class_type": "PreviewAny", "inputs": {"source": ["2", 1]}}}
+
+
+def test_bad_tloras_give_clear_errors_and_the_server_carries_on(comfy_server, demo, comfy):
+    from devkit.tiny_models import tiny_flux
+    from devkit.tlora_files import write_lycoris
+
+    loras = comfy_server.base_dir / "models" / "loras"
+    (loras / "corrupt_tlora.safetensors").write_bytes(b"\x40\x00\x00\x00\x00\x00\x00\x00" + b"\x00" * 50)
+    write_lycoris(tiny_flux(seed=0), loras / "flux_tlora.safetensors", rank=4)
+
+    err = _error_of(comfy_server.run_prompt(_loader_prompt(demo, "corrupt_tlora.safetensors")))
+    assert err["node_type"] == "TLoraLoader" and err["node_id"] == "2"
+    assert "corrupt_tlora.safetensors" in err["exception_message"]
+
+    err = _error_of(comfy_server.run_prompt(_loader_prompt(demo, "flux_tlora.safetensors")))
+    assert err["node_type"] == "TLoraLoader"
+    assert "flux_tlora.safetensors" in err["exception_message"] and "nothing matches this model" in err["exception_message"]
+
+    entry = comfy_server.run_prompt(_loader_prompt(demo, demo["lora"]))
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    assert entry["outputs"]["3"]["images"] and "0 not matched" in entry["outputs"]["4"]["text"][0]
+
+
+def test_a_changed_file_is_reloaded(comfy_server, demo):
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
+    src = demo["paths"]["lora"]
+    dst = comfy_server.base_dir / "models" / "loras" / "changing_tlora.safetensors"
+    with safe_open(str(src), "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(src))
+
+    def write(tlora_alpha):
+        cfg = dict(json.loads(meta["lycoris_config"]), tlora_alpha=tlora_alpha)
+        save_file(tensors, str(dst), dict(meta, lycoris_config=json.dumps(cfg)))
+
+    def cached_nodes(entry):
+        return {n for m in entry["status"]["messages"] if m[0] == "execution_cached" for n in m[1]["nodes"]}
+
+    prompt = _loader_prompt(demo, dst.name)
+    write(1.0)
+    first = comfy_server.run_prompt(prompt)
+    again = comfy_server.run_prompt(prompt)
+    assert "  alpha = 1.0  (" in first["outputs"]["4"]["text"][0]
+    assert {"1", "2"} <= cached_nodes(again)  # unchanged file: nothing reloaded
+    write(3.0)
+    changed = comfy_server.run_prompt(prompt)
+    assert "2" not in cached_nodes(changed)
+    assert "  alpha = 3.0  (" in changed["outputs"]["4"]["text"][0]
+    assert changed["outputs"]["3"]["text"][0] != first["outputs"]["3"]["text"][0]
