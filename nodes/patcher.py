@@ -236,8 +236,9 @@ class TLoraRuntime:
     def _weights(self, device, dtype) -> list:
         """Adapters in the activation dtype on the activation device; one cached copy (none when they match)."""
         if (device, dtype) != self._cache_key:
-            self._cache = [rt.Prepared(d.to(device=device, dtype=dtype).contiguous(), u.to(device=device, dtype=dtype).contiguous())
-                           for d, u in self._sources]
+            with torch.inference_mode(False):  # normal tensors, usable whether or not the next run is in inference mode
+                self._cache = [rt.Prepared(d.to(device=device, dtype=dtype).contiguous(), u.to(device=device, dtype=dtype).contiguous())
+                               for d, u in self._sources]
             self._cache_key = (device, dtype)
         return self._cache
 

@@ -372,7 +372,9 @@ def test_adapters_cached_once_per_device_dtype_without_copies(flux):
     for c, p in zip(rt._cache, placed):
         assert c.down.data_ptr() == p.bound.adapter.down.data_ptr() and c.up.data_ptr() == p.bound.adapter.up.data_ptr()
     # another activation dtype: one converted copy replaces the cache (never one per call)
-    w = rt._weights(torch.device("cpu"), torch.bfloat16)
+    with torch.inference_mode():  # as in ComfyUI's executor; the copies must stay usable outside it
+        w = rt._weights(torch.device("cpu"), torch.bfloat16)
     assert rt._weights(torch.device("cpu"), torch.bfloat16) is w and all(c.down.dtype == torch.bfloat16 for c in w)
+    assert not any(c.down.is_inference() or c.up.is_inference() for c in w)
     src = sum(p.bound.adapter.down.numel() + p.bound.adapter.up.numel() for p in placed)
     assert sum(c.down.numel() + c.up.numel() for c in rt._cache) == src
