@@ -362,6 +362,49 @@ def test_fp8_stored_weights(comfy, flux):
     _assert_clean(q)
 
 
+class _QuantLinear(torch.nn.Module):
+    """A GGUF-like layer: int8 weight + per-row scale, dequantized inside forward (no float weight)."""
+
+    def __init__(self, lin: torch.nn.Linear):
+        super().__init__()
+        w = lin.weight.detach().float()
+        scale = w.abs().amax(1, keepdim=True) / 127
+        self.register_buffer("qweight", torch.round(w / scale).to(torch.int8))
+        self.register_buffer("scale", scale)
+        self.bias = lin.bias
+        self.in_features, self.out_features = lin.in_features, lin.out_features
+
+    def dequantized(self):
+        return self.qweight.float() * self.scale
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.dequantized().to(x.dtype), self.bias)
+
+
+def test_quantized_layers_without_a_float_weight(comfy, flux):
+    """Output-level adapters never read the layer's weight: a GGUF-style quantized layer works, and
+    equals ComfyUI's merge on the same model with those layers dequantized."""
+    from devkit.tiny_models import tiny_flux
+
+    _, _, cond = flux
+    q, d = tiny_flux(seed=0), tiny_flux(seed=0)
+    for path in ("double_blocks.0.img_attn.qkv", "single_blocks.0.linear1", "double_blocks.0.img_mlp.0"):
+        parent, name = path.rsplit(".", 1)
+        ql = _QuantLinear(q.model.diffusion_model.get_submodule(path))
+        setattr(q.model.diffusion_model.get_submodule(parent), name, ql)
+        with torch.no_grad():
+            d.model.diffusion_model.get_submodule(path).weight.copy_(ql.dequantized())
+    placed = S.place(d, S.FLUX_LAYERS, S.random_plain(R, seed=26))
+    tl = patcher.apply_tlora(q, [p.bound for p in placed], _schedule(), 1.0, "quant")
+    pos, neg = cond
+    for sigma in SIGMAS:
+        base = S.denoise_once(q, sigma, pos, neg, LATENT)
+        assert torch.allclose(base, S.denoise_once(d, sigma, pos, neg, LATENT), atol=1e-5)
+        ref = S.denoise_once(S.comfy_merge(d, S.lora_state_dict(placed, _rank_fn(d)(sigma))), sigma, pos, neg, LATENT)
+        assert S.rel_err(S.denoise_once(tl, sigma, pos, neg, LATENT), ref, base) < TOL
+    _assert_clean(q)
+
+
 def test_adapters_cached_once_per_device_dtype_without_copies(flux):
     m, placed, cond = flux
     tl = patcher.apply_tlora(m, [p.bound for p in placed], _schedule(), 1.0, "cache")
