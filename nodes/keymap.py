@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import weakref
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -113,6 +114,27 @@ def _fingerprint(w: torch.Tensor) -> str:
     c = w.detach().to("cpu", torch.float32).contiguous()
     h.update(memoryview(c.numpy()).cast("B"))
     return h.hexdigest()
+
+
+# id(weight tensor) -> (weak ref, {(slice, function): ((version, data_ptr), fingerprint)}). The version
+# counter changes on any in-place write, so a patched or replaced weight is hashed again.
+_FP_MEMO: dict = {}
+
+
+def _memo_fingerprint(raw: torch.Tensor, tgt: "_Target", compute) -> str:
+    key = (tgt.piece, getattr(tgt.fn, "__qualname__", None))
+    state = (raw._version, raw.data_ptr())
+    entry = _FP_MEMO.get(id(raw))
+    if entry is None or entry[0]() is not raw:
+        try:
+            ref = weakref.ref(raw, lambda _r, i=id(raw): _FP_MEMO.pop(i, None))
+        except TypeError:
+            return compute()
+        entry = _FP_MEMO[id(raw)] = (ref, {})
+    hit = entry[1].get(key)
+    if hit is None or hit[0] != state:
+        hit = entry[1][key] = (state, compute())
+    return hit[1]
 
 
 def _is_involution(fn, w: torch.Tensor) -> bool:
@@ -285,7 +307,7 @@ def bind_tlora(model_patcher, tfile: TLoRAFile, cache_dir=None, progress: bool =
                     w = tgt.fn(w)  # the file's (diffusers) layout of this weight
                 if kind:
                     quantized.append(kind)
-                fp = _fingerprint(w)
+                fp = _memo_fingerprint(_raw_weight(model_patcher, tgt.key)[0], tgt, lambda: _fingerprint(w))
                 terms = cache.get(fp, mod.rank, mod.sig_type)
                 if terms is None:
                     terms = _compute(mod, w, device)

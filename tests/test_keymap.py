@@ -50,7 +50,7 @@ def lycoris_delta(module, k, R):
 
 def separated(model_patcher):
     """Every diffusers-named linear of the model gets a trained-like (separated) spectrum."""
-    tf.separate_spectrum_(model_patcher, list(tf.diffusers_targets(model_patcher)), decay=0.93)
+    tf.separate_spectrum_(model_patcher, list(tf.diffusers_targets(model_patcher)), decay=0.85)
     return model_patcher
 
 

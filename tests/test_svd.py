@@ -75,7 +75,7 @@ def test_products_match_float64_svd(method, shape):
 @pytest.mark.parametrize("method", ["dense", "iterative"])
 def test_matches_lycoris_own_base_at_every_prefix(method):
     """Separated (trained-like) spectrum: every boundary is well defined and must match lycoris."""
-    w = decaying(192, 256, decay=0.9)
+    w = decaying(192, 256, decay=0.8)
     r = 16
     mod = lycoris_module(w, r)
     t = svd.base_terms(w, r, method=method)
@@ -112,10 +112,23 @@ def test_near_coincident_singular_values_are_flagged():
 
 
 def test_flagging_rule_is_the_fp32_perturbation_bound():
-    s = torch.tensor([1.0, 0.5, 0.5 - 1e-3, 0.1])
-    flagged = svd.ill_conditioned_boundaries(s, 3)
-    # gap 0.5 and 0.399 are far above eps32 * s1 / 1e-5 = 1.2e-2; gap 1e-3 is below
-    assert flagged == [2]
+    s = torch.tensor([1.0, 0.5, 0.5 - 1e-3, 0.1], dtype=torch.float64)
+    # k=1: gap 0.5; k=3: gap 0.4: far above eps32-level; k=2: gap 1e-3 of s1: ~1e-4 error expected
+    assert svd.ill_conditioned_boundaries(s, 3) == [2]
+    bound = svd.EPS32 * 1.0 * 0.5 / (1e-3 * float(torch.tensor([1.0, 0.5]).norm()))
+    assert svd.predicted_fp32_error(s, 2) == pytest.approx(svd.FP32_SVD_FLOOR + svd.FP32_SVD_C * bound)
+
+
+def test_flagging_is_calibrated_against_fp32_svds():
+    """No unflagged boundary where torch's fp32 SVD (what lycoris ran) misses a float64 SVD by more
+    than the tolerance: random and separated spectra."""
+    for w in (torch.randn(300, 280, generator=torch.Generator().manual_seed(11)) / 17, decaying(300, 280, 0.95, seed=4)):
+        u64, s64, vh64 = torch.linalg.svd(w.double(), full_matrices=False)
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        flagged = svd.ill_conditioned_boundaries(s64[:33], 32)
+        for k in range(1, 33):
+            err = rel(prefix_products(u, s, vh, k), (u64[:, :k] * s64[:k]) @ vh64[:k])
+            assert err <= TOL or k in flagged, (k, err)
 
 
 def test_rank_beyond_matrix_is_padded_like_lycoris():

@@ -110,11 +110,18 @@ def load_state_dict(path: str) -> tuple[dict, dict]:
         raise TLoRAFormatError(path, "no such file")
     if os.path.getsize(path) == 0:
         raise TLoRAFormatError(path, "the file is empty")
-    with open(path, "rb") as f:
-        head = f.read(8)
-    is_zip_or_pickle = head[:2] == b"PK" or head[:1] == b"\x80"
-    if path.lower().endswith(PICKLE_EXTS) or is_zip_or_pickle:
+    lower = path.lower()
+    if lower.endswith(".safetensors"):
+        return _load_safetensors(path)
+    if lower.endswith(PICKLE_EXTS):
         return _load_pickle(path), {}
+    with open(path, "rb") as f:  # unknown extension: sniff (zip = torch.save, \x80 = a bare pickle)
+        head = f.read(2)
+    if head == b"PK" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
+        try:
+            return _load_pickle(path), {}
+        except TLoRAFormatError:
+            pass
     return _load_safetensors(path)
 
 

@@ -1,0 +1,258 @@
+"""First-load time of a LyCORIS T-LoRA, side by side with a full fp32 SVD per layer (`make bench`).
+
+LyCORIS ``tlora`` files do not store their base terms: loading one means rebuilding the top-r
+singular triplets of every adapted base weight. The existing ComfyUI T-LoRA pack (and lycoris-lora
+itself) takes a full ``torch.linalg.svd`` of each layer. In one process, on the Flux-like model at
+real width (``tiny_flux(hidden_size=3072, num_heads=24)``: 1 double + 1 single block, float32,
+seeded random weights: a Marchenko-Pastur spectrum, the hardest case for a partial SVD) with a
+10-module rank-64 T-LoRA in lycoris' key layout (8 square 3072x3072 layers, 6 of them slices of a
+fused qkv / linear1, and the two 12288-wide MLP layers of the double block):
+
+  baseline     torch.linalg.svd(W.float(), full_matrices=False) of every mapped weight (slice);
+  first load   read_tlora + nodes.keymap.bind_tlora with an empty cache (key mapping, dequantize,
+               the pack's top-r SVD, cache write);
+  reload       the same with the cache filled.
+
+Exactness: for every module and every prefix mask k = 1..64, the rebuilt P0 diag(lambda0 m) Q0 is
+compared with the baseline's (= lycoris-lora's own reconstruction); boundaries whose split is
+ill-defined at fp32 (flagged by the pack) are counted apart. Peak extra memory is sampled (RSS).
+Prints a JSON summary, then as its LAST line ``first_load_speedup_vs_full_svd=X.X``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from devkit import host  # noqa: E402
+
+MODULES = [
+    "transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k", "transformer_blocks.0.attn.to_v",
+    "transformer_blocks.0.attn.add_q_proj", "transformer_blocks.0.attn.to_out.0", "transformer_blocks.0.attn.to_add_out",
+    "transformer_blocks.0.ff.net.0.proj", "transformer_blocks.0.ff.net.2",
+    "single_transformer_blocks.0.attn.to_q", "single_transformer_blocks.0.attn.to_v",
+]
+
+
+class PeakRSS:
+    """Peak resident memory above a starting level, sampled every 5 ms in a thread."""
+
+    def __init__(self):
+        import psutil
+
+        self.proc = psutil.Process()
+        self.start = self.peak = self.proc.memory_info().rss
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(0.005)
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    @property
+    def extra(self) -> int:
+        return self.peak - self.start
+
+
+def _separated_slice(model, target, R):
+    """A copy of the target's weight (slice) as U diag(s) V^T with a trained-like top: s_1..s_{R+1}
+    decaying geometrically (7% steps), the original (random) spectrum scaled under them."""
+    import torch
+
+    from devkit.tlora_files import layer_weight
+
+    w = layer_weight(model, *target).double()
+    gen = torch.Generator().manual_seed(7)
+    o, i = w.shape
+    u = torch.linalg.qr(torch.randn(o, o, generator=gen, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(i, i, generator=gen, dtype=torch.float64))[0]
+    top = 2.0 * 0.93 ** torch.arange(R + 1, dtype=torch.float64)
+    s = torch.linalg.svdvals(w)
+    s = s / s[0] * top[-1] * 0.93
+    s[: R + 1] = top
+    return ((u[:, : s.numel()] * s) @ v[:, : s.numel()].t()).float()
+
+
+def timed(fn):
+    w, c = time.perf_counter(), time.process_time()
+    out = fn()
+    return out, time.perf_counter() - w, time.process_time() - c
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--hidden", type=int, default=3072)
+    ap.add_argument("--heads", type=int, default=24)
+    ap.add_argument("--rank", type=int, default=64)
+    ap.add_argument("--modules", type=int, default=len(MODULES), help="use the first N modules")
+    args = ap.parse_args(argv)
+
+    import torch
+    from safetensors.torch import save_file
+
+    host.load_comfy()
+    from devkit.tiny_models import tiny_flux
+    from devkit.tlora_files import diffusers_targets, layer_weight
+
+    formats = host.pack_module("tlora_core.formats")
+    keymap = host.pack_module("nodes.keymap")
+    svd = host.pack_module("tlora_core.svd")
+
+    t0 = time.perf_counter()
+    model = tiny_flux(seed=0, hidden_size=args.hidden, num_heads=args.heads)
+    build_s = time.perf_counter() - t0
+    targets = diffusers_targets(model)
+    modules = MODULES[: args.modules]
+    R = args.rank
+
+    # a LyCORIS tlora file (lycoris-lora's key layout + SimpleTuner's lycoris_config metadata)
+    gen = torch.Generator().manual_seed(1)
+    sd, shapes = {}, {}
+    for path in modules:
+        o, i = layer_weight(model, *targets[path]).shape
+        shapes[path] = (o, i)
+        name = "lycoris_" + path.replace(".", "_")
+        sd[f"{name}.q_layer.weight"] = torch.randn(R, i, generator=gen) / i ** 0.5
+        sd[f"{name}.p_layer.weight"] = torch.randn(o, R, generator=gen) / R ** 0.5
+        sd[f"{name}.lambda_layer"] = torch.rand(1, R, generator=gen) + 0.5
+        sd[f"{name}.alpha"] = torch.tensor(float(R))
+    work = Path(tempfile.mkdtemp(prefix="tlora-bench-"))
+    lora = work / "bench_tlora.safetensors"
+    save_file(sd, str(lora), {"lycoris_config": json.dumps({"algo": "tlora", "linear_dim": R, "linear_alpha": R,
+                                                             "tlora_min_rank": 1, "tlora_alpha": 1.0})})
+
+    # baseline: a full fp32 SVD of every mapped weight (slice), as lycoris-lora / the existing pack do
+    baseline, base_wall, base_cpu = {}, 0.0, 0.0
+    per_shape = {}
+    for path in modules:
+        w = layer_weight(model, *targets[path]).float()
+        (u, s, vh), dw, dc = timed(lambda: torch.linalg.svd(w, full_matrices=False))
+        baseline[path] = (u[:, :R].clone(), s[:R].clone(), vh[:R].clone())
+        del u, s, vh
+        base_wall += dw
+        base_cpu += dc
+        per_shape.setdefault(str(shapes[path]), {"n": 0, "full_svd_s": 0.0})
+        per_shape[str(shapes[path])]["n"] += 1
+        per_shape[str(shapes[path])]["full_svd_s"] += dw
+
+    # the pack: first load (empty cache), then reloads (cache filled): in the same process, and with
+    # the in-memory fingerprints dropped (what a restarted ComfyUI does: hash the weights again)
+    cache = work / "cache"
+    per_call = []
+    real_base_terms = svd.base_terms
+
+    def timed_base_terms(w, *a, **k):
+        t = time.perf_counter()
+        out = real_base_terms(w, *a, **k)
+        per_call.append((str(tuple(w.shape)), time.perf_counter() - t))
+        return out
+
+    svd.base_terms = timed_base_terms
+    try:
+        def load():
+            f = formats.read_tlora(lora)
+            return f, keymap.bind_tlora(model, f, cache_dir=str(cache), progress=False)
+
+        keymap._FP_MEMO.clear()
+        with PeakRSS() as mem:
+            (tfile, bound), first_wall, first_cpu = timed(load)
+        (_, bound2), reload_wall, _ = timed(load)
+        keymap._FP_MEMO.clear()
+        (_, bound3), cold_reload_wall, _ = timed(load)
+    finally:
+        svd.base_terms = real_base_terms
+    for shape, dt in per_call:
+        per_shape[shape]["pack_svd_s"] = per_shape[shape].get("pack_svd_s", 0.0) + dt
+
+    # exactness against the baseline (= lycoris-lora's own fp32 reconstruction), every prefix mask
+    max_err_ok, flagged, mismatched_unflagged, compared = 0.0, 0, 0, 0
+    methods = set()
+    for path in modules:
+        name = "lycoris_" + path.replace(".", "_")
+        t = bound.base_terms[name]
+        methods.add(t.method)
+        u, s, vh = baseline[path]
+        for k in range(1, R + 1):
+            ref = (u[:, :k].double() * s[:k].double()) @ vh[:k].double()
+            got = (t.p[:, :k].double() * t.lam[:k].double()) @ t.q[:k].double()
+            err = ((got - ref).norm() / ref.norm()).item()
+            compared += 1
+            if k in t.ill_conditioned:
+                flagged += 1
+            else:
+                max_err_ok = max(max_err_ok, err)
+                mismatched_unflagged += err > svd.REPRODUCIBLE_TOL
+    same_reload = all(torch.equal(a.adapter.up, b.adapter.up) and torch.equal(a.adapter.up, c.adapter.up)
+                      for a, b, c in zip(bound.targets, bound2.targets, bound3.targets))
+
+    # exactness at real width where every boundary is well defined: a 3072x3072 slice (img q of the
+    # fused qkv) given 65 separated top singular values (1.4% of s1 apart) above a random tail
+    sep = _separated_slice(model, targets[modules[0]], R)
+    su, ss, svh = torch.linalg.svd(sep, full_matrices=False)
+    st = svd.base_terms(sep, R)
+    sep_errs = {}
+    for k in range(1, R + 1):
+        ref = (su[:, :k].double() * ss[:k].double()) @ svh[:k].double()
+        got = (st.p[:, :k].double() * st.lam[:k].double()) @ st.q[:k].double()
+        sep_errs[k] = ((got - ref).norm() / ref.norm()).item()
+    sep_ok = [k for k in sep_errs if k not in st.ill_conditioned]
+    largest_weight = max(o * i for o, i in shapes.values()) * 4
+
+    speedup = base_wall / first_wall
+    summary = {
+        "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
+        "threads": torch.get_num_threads(),
+        "load_average": os.getloadavg(),
+        "model": f"tiny_flux(hidden_size={args.hidden}, num_heads={args.heads}) fp32, built in {build_s:.1f}s",
+        "modules": len(modules),
+        "rank": R,
+        "shapes": {k: v["n"] for k, v in per_shape.items()},
+        "baseline_full_svd_s": round(base_wall, 2),
+        "baseline_full_svd_cpu_s": round(base_cpu, 2),
+        "baseline_full_svd_s_by_shape": {k: round(v["full_svd_s"], 2) for k, v in per_shape.items()},
+        "first_load_s": round(first_wall, 2),
+        "first_load_cpu_s": round(first_cpu, 2),
+        "reload_s": round(reload_wall, 3),
+        "reload_after_restart_s": round(cold_reload_wall, 3),
+        "reload_identical": same_reload,
+        "pack_svd_s_by_shape": {k: round(v.get("pack_svd_s", 0.0), 2) for k, v in per_shape.items()},
+        "separated_spectrum_slice": {
+            "unflagged_prefixes": len(sep_ok), "flagged": len(st.ill_conditioned), "method": st.method,
+            "max_rel_err_unflagged": max((sep_errs[k] for k in sep_ok), default=0.0),
+            "max_rel_err_flagged": max((sep_errs[k] for k in st.ill_conditioned), default=0.0)},
+        "svd_methods": sorted(methods),
+        "peak_extra_rss_mb": round(mem.extra / 2**20, 1),
+        "largest_weight_mb": round(largest_weight / 2**20, 1),
+        "peak_extra_rss_in_largest_weights": round(mem.extra / largest_weight, 2),
+        "prefix_masks_compared": compared,
+        "prefix_masks_flagged_ill_conditioned": flagged,
+        "max_rel_err_unflagged": max_err_ok,
+        "unflagged_above_1e-5": mismatched_unflagged,
+        "notes": bound.notes,
+        "first_load_speedup_vs_full_svd_cpu_time": round(base_cpu / first_cpu, 1),
+    }
+    print(json.dumps(summary, indent=2))
+    print(f"first_load_speedup_vs_full_svd={speedup:.1f}")
+
+
+if __name__ == "__main__":
+    main()
