@@ -421,3 +421,40 @@ def test_adapters_cached_once_per_device_dtype_without_copies(flux):
     assert not any(c.down.is_inference() or c.up.is_inference() for c in w)
     src = sum(p.bound.adapter.down.numel() + p.bound.adapter.up.numel() for p in placed)
     assert sum(c.down.numel() + c.up.numel() for c in rt._cache) == src
+
+
+def test_cpu_adapter_threads_policy_and_restore(flux, monkeypatch):
+    """On a <= 2-thread CPU the adapters' small matmuls run on one thread (no OpenMP barrier per op);
+    torch's setting is restored after every layer, errors included."""
+    m, placed, cond = flux
+    tl = patcher.apply_tlora(m, [p.bound for p in placed], _schedule(), 1.0, "threads")
+    runtime_mod = pack_module("tlora_core.runtime")
+    seen = []
+    orig = runtime_mod.add_prefix_2d_
+
+    def spy(*a, **k):
+        seen.append(torch.get_num_threads())
+        return orig(*a, **k)
+
+    monkeypatch.setattr(runtime_mod, "add_prefix_2d_", spy)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        _sample(tl, cond, steps=1)
+        assert seen and set(seen) == {1} and torch.get_num_threads() == 2
+        seen.clear()
+        monkeypatch.setenv("COMFYUI_TLORA_CPU_THREADS", "0")  # torch's own setting
+        _sample(tl, cond, steps=1)
+        assert set(seen) == {2} and torch.get_num_threads() == 2
+
+        def boom(*a, **k):
+            raise RuntimeError("inside the adapter")
+
+        monkeypatch.delenv("COMFYUI_TLORA_CPU_THREADS")
+        monkeypatch.setattr(runtime_mod, "add_prefix_2d_", boom)
+        with pytest.raises(RuntimeError, match="inside the adapter"):
+            _sample(tl, cond, steps=1)
+        assert torch.get_num_threads() == 2
+        _assert_clean(m, patcher.tlora_runtimes(tl)[0])
+    finally:
+        torch.set_num_threads(before)
