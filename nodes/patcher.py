@@ -49,9 +49,10 @@ def cpu_adapter_threads() -> Optional[int]:
 
     They are skinny (rows x in x k with k <= 2 * rank) and memory-bound, so a second thread gains
     little; but each multi-threaded op is an OpenMP barrier, and on a small busy CPU (another process
-    on the other core) every barrier waits a scheduler slice: measured on the 2-core host, the
-    T-LoRA went from 1.00x to 1.09-1.13x a merged LoRA. With <= 2 threads they run on one thread
-    (~+0.5% when the machine is idle); larger CPUs keep torch's threading.
+    on the other core) every barrier waits a scheduler slice. Measured on the busy 2-core host
+    (benchmarks/overhead.py model, alternating runs): 1.09x a merged LoRA with two threads, 0.99x
+    with one. With <= 2 threads they run on one thread (~+0.5% when the machine is idle); larger
+    CPUs keep torch's threading.
     ``COMFYUI_TLORA_CPU_THREADS=N`` forces N (0 = torch's setting).
     """
     forced = os.environ.get("COMFYUI_TLORA_CPU_THREADS")
