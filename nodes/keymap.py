@@ -80,7 +80,8 @@ def _raw_weight(model_patcher, key: str):
 
 
 def _dequantized(model_patcher, key: str) -> tuple[torch.Tensor, Optional[str]]:
-    """(fp32 weight, None | what it was quantized as)."""
+    """(weight as a float tensor, None | what it was quantized as). fp32/fp16/bf16 weights are
+    returned as they are (read in fp32 chunks later, like lycoris' ``weight.float()``)."""
     weight, convert = _raw_weight(model_patcher, key)
     kind = None
     try:
@@ -97,6 +98,8 @@ def _dequantized(model_patcher, key: str) -> tuple[torch.Tensor, Optional[str]]:
             raise ValueError(f"{key}: a GGUF-quantized weight this pack cannot dequantize")
         w = getter(weight, torch.float32).float()
         kind = f"GGUF ({weight.tensor_type})"
+    elif weight.dtype in (torch.float32, torch.float16, torch.bfloat16) and convert is None:
+        w = weight  # the SVD reads it in fp32 chunks: no full-size copy
     else:
         if weight.dtype in FP8_DTYPES:
             kind = str(weight.dtype).replace("torch.", "")
@@ -109,10 +112,12 @@ def _dequantized(model_patcher, key: str) -> tuple[torch.Tensor, Optional[str]]:
 
 
 def _fingerprint(w: torch.Tensor) -> str:
-    """sha1 of the exact fp32 bytes the SVD sees (plus shape): the cache key."""
-    h = hashlib.sha1(f"{CACHE_VERSION}|{tuple(w.shape)}".encode())
-    c = w.detach().to("cpu", torch.float32).contiguous()
-    h.update(memoryview(c.numpy()).cast("B"))
+    """sha1 of the exact bytes the SVD sees (plus shape and dtype): the cache key."""
+    h = hashlib.sha1(f"{CACHE_VERSION}|{tuple(w.shape)}|{w.dtype}".encode())
+    c = w.detach().contiguous()
+    if c.device.type != "cpu":
+        c = c.cpu()
+    h.update(memoryview(c.reshape(-1).view(torch.uint8).numpy()))
     return h.hexdigest()
 
 

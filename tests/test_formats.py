@@ -366,3 +366,14 @@ def test_missing_and_empty_files(tmp_path):
     (tmp_path / "empty.safetensors").write_bytes(b"")
     with pytest.raises(TLoRAFormatError, match="empty"):
         formats.read_tlora(tmp_path / "empty.safetensors")
+
+
+def test_formats_and_svd_import_without_comfyui():
+    import subprocess
+    import sys
+
+    from devkit.host import ROOT
+
+    code = ("import sys; sys.path.insert(0, %r); import tlora_core.formats, tlora_core.svd;"
+            "assert not any(m == 'comfy' or m.startswith(('comfy.', 'comfy_')) for m in sys.modules)" % str(ROOT))
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -178,3 +178,20 @@ def test_weight_is_streamed_in_chunks(monkeypatch):
     assert max(sizes) <= 128 * 256 < w.numel()
     u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
     assert rel(prefix_products(t.p, t.lam, t.q, 8), (u[:, :8] * s[:8]) @ vh[:8]) < 2e-6
+
+
+def test_steep_spectrum_with_a_close_tail_stays_exact():
+    """Small wanted singular values (s_33 ~ 3% of s_1) just above the rest: beyond what an fp32 Gram
+    matrix resolves. The error bound must notice, and the result must still be exact (float64
+    refinement or the dense fallback)."""
+    n, r = 400, 32
+    top = 2 * 0.9 ** torch.arange(r + 1, dtype=torch.float64)
+    tail = torch.linalg.svdvals(torch.randn(n, n, generator=torch.Generator().manual_seed(2), dtype=torch.float64))
+    s = tail / tail[0] * top[-1] * 0.95
+    s[: r + 1] = top
+    w = spectrum_matrix(n, n, s, seed=9)
+    t = svd.base_terms(w, r, method="iterative")
+    u, sv, vh = torch.linalg.svd(w.double(), full_matrices=False)
+    for k in range(1, r + 1):
+        assert rel(prefix_products(t.p, t.lam, t.q, k), (u[:, :k] * sv[:k]) @ vh[:k]) <= 3e-6, (k, t.method)
+    assert t.est_error <= 3e-6

@@ -35,7 +35,7 @@ REPRODUCIBLE_TOL = 1e-5
 FP32_SVD_C = 8.0  # see predicted_fp32_error (measured up to ~6)
 FP32_SVD_FLOOR = 2e-6  # rounding of the fp32 factors themselves (measured <= 1.5e-6)
 OWN_ERROR = {"dense": 3e-7, "iterative": 3e-6}  # measured vs float64 SVDs (products of the fp32 output)
-ITERATIVE_MAX_ERROR = 1e-4  # a-posteriori bound above which the iterative result is not used
+ITERATIVE_MAX_ERROR = OWN_ERROR["iterative"]  # a-posteriori bound above which dense float64 is used instead
 DENSE_MAX = 768  # smaller side at or below this: dense float64 (fast enough, exact)
 _CHUNK_ELEMS = 1 << 23  # rows per chunk when streaming W (keeps the extra memory ~ one Gram matrix)
 
@@ -50,7 +50,7 @@ class BaseTerms:
     # mask boundaries k (k ranks active) where s_k and s_{k+1} nearly coincide: the trainer's own
     # fp32 SVD reproduces the base term there only to ~ eps32 * s_1 / (s_k - s_{k+1})
     ill_conditioned: list = field(default_factory=list)
-    est_error: float = 0.0  # a-posteriori bound on this computation's own error in the products
+    est_error: float = 0.0  # a-posteriori bound on this computation's own error in the products (iterative)
     method: str = ""
 
 
@@ -122,14 +122,15 @@ def _base_terms(weight, rank, sig_type, method, device, seed) -> BaseTerms:
             est = 0.0
         elif method == "iterative":
             with _ieee_fp32():
-                p, s, q, est = _iterative_top(weight, k_need, device, seed)
-            if not est <= ITERATIVE_MAX_ERROR:  # not converged (pathological spectrum): be exact instead
+                p, s, q, est_k = _iterative_top(weight, k_need, device, seed)
+            est = float(est_k[:r].max())
+            if not est <= ITERATIVE_MAX_ERROR:  # steep or pathological spectrum: be exact instead
                 p, s, q = _dense_top(weight, k_need, device)
                 est, method = 0.0, "dense (iterative did not converge)"
         else:
             raise ValueError(f"unknown method {method!r}")
         method_used = method
-        own = OWN_ERROR["dense" if method.startswith("dense") else "iterative"]
+        own = OWN_ERROR["dense"] if method.startswith("dense") else max(est, OWN_ERROR["dense"])
         ill = ill_conditioned_boundaries(s, r, own_error=own)
         p, lam, q = p[:, :r], s[:r], q[:r]
     p = p.float().cpu()
@@ -345,8 +346,22 @@ def _degree(res: float, tol: float, theta_k: float, cut: float, lo: int = 4, hi:
     return int(min(hi, max(lo, math.ceil(math.acosh(res / tol) / math.acosh(l)) + 1)))
 
 
+def _error_bound(R: torch.Tensor, s: torch.Tensor, last: float) -> torch.Tensor:
+    """Per boundary j = 1..k: a bound on the relative error of the rank-j product.
+
+    The residuals R[:, i] = A^T u_i - s_i v_i are orthogonal to the block, so they turn v_i towards
+    directions outside it (singular values <= ``last``, the block's smallest Ritz value) by at most
+    |R_i| / (s_i - last); that moves s_i u_i v_i^T by ~s_i times the angle.
+    """
+    res = R.norm(dim=0)
+    gaps = (s - last).clamp_min(0)
+    dev = torch.where(gaps > 0, res * s / gaps, torch.full_like(res, math.inf))
+    norms = torch.sqrt(torch.cumsum(s * s, 0)).clamp_min(1e-300)
+    return (torch.sqrt(torch.cumsum(dev * dev, 0)) / norms).cpu()
+
+
 def _iterative_top(weight, k, device, seed, block: Optional[int] = None, tol32: float = 1e-6, max_iter: int = 40,
-                   first_degree: int = 6):
+                   first_degree: int = 6, refine_target: float = 2e-6, refine_max: int = 3):
     A, transposed = _oriented(weight, device)
     M, N = A.shape
     b = min(N, block or max(2 * k, k + 32))
@@ -356,6 +371,7 @@ def _iterative_top(weight, k, device, seed, block: Optional[int] = None, tol32: 
         top = _upper_bound(G, gen)
     X = _orthonormalize(G @ torch.randn(N, b, generator=gen).to(G.device))
     cut = degree = None
+    prev_res = math.inf
     for _ in range(max_iter):
         if cut is not None:
             X = _orthonormalize(_chebyshev(G, X, degree, cut, top))
@@ -368,24 +384,28 @@ def _iterative_top(weight, k, device, seed, block: Optional[int] = None, tol32: 
             GX = (GX.double() @ Z).float()
             res = float(((GX[:, :k] - X[:, :k] * theta[:k].float()).norm(dim=0) / top).max())
         cut = max(float(theta[-1]), 1e-12 * top)
-        if res < tol32:
+        if res < tol32 or res > 0.5 * prev_res:  # converged, or stuck at fp32's floor
             break
+        prev_res = res
         # the first cut (from a barely filtered block) is far too low: a short filter refines it
         degree = _degree(res, tol32, float(theta[k - 1]), cut) if degree is not None else first_degree
     del G, GX
-    # Rayleigh-Ritz against A itself in float64: exact inside the block, whatever fp32 did
+    # Rayleigh-Ritz against A itself in float64 (exact inside the block, whatever fp32 did), then
+    # float64 subspace steps while the error bound says fp32 was not enough (steep spectra: the
+    # smallest wanted singular values are below what an fp32 Gram matrix resolves)
     Q = X.double()
-    Zm = _times(A, Q)
-    with _one_thread():
-        Uz, Sz, Vzh = torch.linalg.svd(Zm, full_matrices=False)
-        V = Q @ Vzh.t()
-    U, s = Uz[:, :k], Sz[:k]
-    V = V[:, :k].contiguous()
-    # residual of the triplets: |A^T u - s v|; error bound via the gap to the rest of the block
-    R = _times_t(A, U) - V * s
-    res64 = float((R.norm(dim=0)).max()) if k else 0.0
-    gap_out = float(Sz[k - 1] - Sz[-1]) if Sz.numel() > k else float(Sz[k - 1])
-    est = res64 / gap_out if gap_out > 0 else math.inf
+    for step in range(refine_max + 1):
+        Zm = _times(A, Q)
+        with _one_thread():
+            Uz, Sz, Vzh = torch.linalg.svd(Zm, full_matrices=False)
+            V = Q @ Vzh.t()
+        U, s = Uz[:, :k], Sz[:k]
+        V = V[:, :k].contiguous()
+        est = _error_bound(_times_t(A, U) - V * s, s, float(Sz[-1]) if Sz.numel() > k else 0.0)
+        if float(est.max()) <= refine_target or step == refine_max:
+            break
+        with _one_thread():
+            Q = torch.linalg.qr(_times_t(A, Zm))[0]
     if transposed:
         return V, s, U.t(), est
     return U, s, V.t(), est
