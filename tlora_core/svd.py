@@ -35,7 +35,9 @@ REPRODUCIBLE_TOL = 1e-5
 FP32_SVD_C = 8.0  # see predicted_fp32_error (measured up to ~6)
 FP32_SVD_FLOOR = 2e-6  # rounding of the fp32 factors themselves (measured <= 1.5e-6)
 OWN_ERROR = {"dense": 3e-7, "iterative": 3e-6}  # measured vs float64 SVDs (products of the fp32 output)
-ITERATIVE_MAX_ERROR = OWN_ERROR["iterative"]  # a-posteriori bound above which dense float64 is used instead
+# a-posteriori bound above which the dense float64 method is used instead (below it, the bound is
+# added to the trainer's own error when flagging boundaries)
+ITERATIVE_MAX_ERROR = 1e-5
 DENSE_MAX = 768  # smaller side at or below this: dense float64 (fast enough, exact)
 _CHUNK_ELEMS = 1 << 23  # rows per chunk when streaming W (keeps the extra memory ~ one Gram matrix)
 
@@ -361,7 +363,7 @@ def _error_bound(R: torch.Tensor, s: torch.Tensor, last: float) -> torch.Tensor:
 
 
 def _iterative_top(weight, k, device, seed, block: Optional[int] = None, tol32: float = 1e-6, max_iter: int = 40,
-                   first_degree: int = 6, refine_target: float = 2e-6, refine_max: int = 3):
+                   first_degree: int = 6, refine_target: float = 2e-6, refine_max: int = 0):
     A, transposed = _oriented(weight, device)
     M, N = A.shape
     b = min(N, block or max(2 * k, k + 32))
