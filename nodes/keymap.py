@@ -127,6 +127,8 @@ _FP_MEMO: dict = {}
 
 
 def _memo_fingerprint(raw: torch.Tensor, tgt: "_Target", compute) -> str:
+    if raw.is_inference():
+        return compute()  # no version counter (ComfyUI loads weights under inference mode): hash every time
     key = (tgt.piece, getattr(tgt.fn, "__qualname__", None))
     state = (raw._version, raw.data_ptr())
     entry = _FP_MEMO.get(id(raw))

@@ -288,3 +288,30 @@ def test_self_contained_copy_binds_without_svd(mods, tiny_flux, tmp_path, monkey
     for t in b2.targets:
         for k in (1, 4):
             assert rel(t.adapter.delta_weight(k), d1[t.adapter.name].adapter.delta_weight(k)) < 1e-6
+
+
+def test_inference_mode_weights_bind_and_a_changed_weight_is_rehashed(mods, tmp_path):
+    """ComfyUI's server loads weights under inference mode: such tensors have no version counter,
+    so binding must work on them and must notice an in-place change (no stale cached base terms)."""
+    from devkit.tiny_models import tiny_flux
+
+    m = separated(tiny_flux(seed=0))
+    lf = tf.write_lycoris(m, tmp_path / "f.safetensors", rank=8, alpha=4)
+    dm = m.model.diffusion_model
+    with torch.inference_mode():
+        for name, p in list(dm.named_parameters()):
+            owner, attr = name.rsplit(".", 1)
+            setattr(dm.get_submodule(owner), attr, torch.nn.Parameter(p.detach().clone(), requires_grad=False))
+    first = next(p for p in dm.parameters())
+    assert first.is_inference()
+    _, b = bind(mods, m, lf.path, tmp_path)
+    check_exact(b, lf, 8)
+
+    name = next(iter(lf.modules))
+    key, piece = lf.targets[name]
+    weight = dict(dm.named_parameters())[key[len("diffusion_model."):]]
+    with torch.inference_mode():
+        weight.mul_(2.0)  # the base weight changes in place: its singular values double
+    _, b2 = bind(mods, m, lf.path, tmp_path)
+    lam1, lam2 = b.base_terms[name].lam.reshape(-1).double(), b2.base_terms[name].lam.reshape(-1).double()
+    assert torch.allclose(lam2, 2 * lam1, rtol=1e-5)
