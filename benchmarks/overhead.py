@@ -70,9 +70,12 @@ def build(args):
         module = key[len("diffusion_model."):-len(".weight")]
         targets.append(adapter.BoundAdapter(module, (piece[1], piece[2]) if piece else None, ad))
 
-    merged = copy_of(base)
+    # three copies made the same way (none keeps the original's allocation history)
+    variants = [copy_of(base) for _ in range(3)]
+    del base, sd
+    merged = variants[1]
     merged.add_patches(comfy.lora.load_lora(lora_sd, comfy.lora.model_lora_keys_unet(merged.model, {})), 1.0)
-    return base, merged, copy_of(base), targets, file_bytes
+    return variants[0], merged, variants[2], targets, file_bytes
 
 
 def flop_floor(base_model, targets, sample_fn, rank):
