@@ -30,7 +30,6 @@ from typing import Optional
 
 import torch
 
-import comfy.patcher_extension
 from comfy.patcher_extension import WrappersMP
 
 from ..tlora_core import runtime as rt
@@ -47,8 +46,8 @@ _OFF = object()  # state: inside a model call whose rank is unknown (already war
 def cpu_adapter_threads() -> Optional[int]:
     """Intra-op threads for the adapters' matmuls on the CPU (None: leave torch's setting).
 
-    They are skinny (rows x in x k with k <= 2 * rank) and memory-bound, so a second thread gains
-    little; but each multi-threaded op is an OpenMP barrier, and on a small busy CPU (another process
+    They are skinny (rows x in x k with k <= 2 * rank) and small, so a second thread gains little;
+    but each multi-threaded op is an OpenMP barrier, and on a small busy CPU (another process
     on the other core) every barrier waits a scheduler slice. Measured on the busy 2-core host
     (benchmarks/overhead.py model, alternating runs): 1.09x a merged LoRA with two threads, 0.99x
     with one. With <= 2 threads they run on one thread (~+0.5% when the machine is idle); larger
