@@ -377,3 +377,12 @@ def test_formats_and_svd_import_without_comfyui():
     code = ("import sys; sys.path.insert(0, %r); import tlora_core.formats, tlora_core.svd;"
             "assert not any(m == 'comfy' or m.startswith(('comfy.', 'comfy_')) for m in sys.modules)" % str(ROOT))
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_unrelated_sidecar_is_not_taken_for_settings(tiny_flux, tmp_path):
+    p = tmp_path / "w.safetensors"
+    tf.write_lycoris(tiny_flux, p, rank=4, settings="none", only=["transformer_blocks.0.attn.to_q"])
+    (tmp_path / "w.json").write_text(json.dumps({"modelId": 123, "trainedWords": ["sks"]}))  # e.g. a model-site card
+    f = formats.read_tlora(p)
+    assert f.schedule.sources.get("min_rank", "default") == "default"
+    assert any("no training settings found" in n for n in f.notes)

@@ -30,6 +30,7 @@ BASE_TERMS_META = "tlora_base_terms"  # metadata key of a self-contained copy
 OTHER_ALGO_KEYS = {"hada_w1_a": "loha", "lokr_w1": "lokr", "lokr_w1_a": "lokr", "oft_blocks": "diag-oft",
                    "oft_R": "boft", "lora_down.weight": "lora/locon", "a1.weight": "glora", "weight": "full/ia3",
                    "diff": "full"}
+CONFIG_KEYS = ("algo", "linear_dim", "linear_alpha", "tlora_min_rank", "tlora_alpha")
 TEXT_ENCODER_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "lycoris_te_")
 
 
@@ -66,7 +67,8 @@ def read(path: str, tensors: dict, metadata: dict) -> TLoRAFile:
     found, configs = [], []
     for sc_path, data in find_sidecars(path, names=("lycoris_config.json",), parents=1):
         cfg = data.get("lycoris_config", data) if isinstance(data.get("lycoris_config"), dict) else data
-        configs.append((sidecar_label(path, sc_path), cfg))
+        if any(k in cfg for k in CONFIG_KEYS):  # not some unrelated JSON/YAML with the same stem
+            configs.append((sidecar_label(path, sc_path), cfg))
     raw = metadata.get("lycoris_config")
     if raw:
         try:
