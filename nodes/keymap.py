@@ -356,10 +356,10 @@ def bind_tlora(model_patcher, tfile: TLoRAFile, cache_dir=None, progress: bool =
     if ill:
         example = next(iter(ill))
         ranks = ", ".join(str(k) for k in ill[example][:6]) + (" ..." if len(ill[example]) > 6 else "")
-        notes.append(f"{len(ill)} of {len(svd_jobs)} LyCORIS module(s) have mask boundaries where two singular values "
-                     f"nearly coincide (e.g. {example} at ranks {ranks}): there even the trainer's own fp32 SVD "
-                     f"fixes the base term only to ~{svd.REPRODUCIBLE_TOL:g} relative, so tiny differences from "
-                     "training are unavoidable")
+        notes.append(f"{len(ill)} of {len(svd_jobs)} LyCORIS module(s) have mask boundaries where singular values "
+                     f"nearly coincide (e.g. {example} at ranks {ranks}): there the trainer's own fp32 SVD defined "
+                     f"the base term only to worse than {svd.REPRODUCIBLE_TOL:g} relative, so tiny differences from "
+                     "training are unavoidable (typical of untrained, random weights)")
         log.info("T-LoRA %s: ill-conditioned mask boundaries: %s", os.path.basename(tfile.path), ill)
     return BoundTLoRA(targets, matched, unmatched, notes, tfile, base_terms)
 
