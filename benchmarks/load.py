@@ -250,6 +250,9 @@ def main(argv=None):
         "notes": bound.notes,
         "first_load_speedup_vs_full_svd_cpu_time": round(base_cpu / first_cpu, 1),
     }
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(summary, indent=2))
     print(f"first_load_speedup_vs_full_svd={speedup:.1f}")
 
