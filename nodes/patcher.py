@@ -220,6 +220,7 @@ class TLoraRuntime:
     # --- per layer call ---------------------------------------------------------------------
     def _make_hook(self, entries: list[_Entry]):
         strength = self.strength
+        cpu_threads = cpu_adapter_threads()  # decided once per run (hooks are made per run), not per layer call
 
         def add(state, x, output):
             prepared = self._weights(x.device, x.dtype)
@@ -249,7 +250,7 @@ class TLoraRuntime:
             if state is _OFF:
                 return None
             x = args[0] if args else kwargs["input"]
-            threads = cpu_adapter_threads() if x.device.type == "cpu" else None
+            threads = cpu_threads if x.device.type == "cpu" else None
             if threads is None:
                 add(state, x, output)
                 return None
