@@ -8,11 +8,11 @@ triplets are used. Here only those are computed:
 
 - ``dense``: the Gram matrix of the smaller side in float64 and ``eigh``; exact to float64 and the
   fastest for small layers (tests, tiny models).
-- ``iterative``: Chebyshev-filtered subspace iteration on the fp32 Gram matrix (BLAS-3 products of
-  an n x k block, k ~ 2r), then a Rayleigh-Ritz step against W itself in float64. It stops on the
-  residuals, so it adapts to the spectrum: a random (Marchenko-Pastur) layer, the hardest case,
-  takes ~20 block products. Its error in the products is ~1e-6 relative, far below the rounding
-  of the trainer's own fp32 SVD.
+- ``lanczos``: block Lanczos (full reorthogonalisation) on the fp32 Gram matrix, which searches
+  the whole Krylov space rather than one block: a random (Marchenko-Pastur) layer, the hardest
+  case, needs ~800 Krylov vectors for r = 64 at width 3072, a trained-like one far fewer. It
+  stops when every boundary is as exact as the trainer's own fp32 SVD can be there (or 1e-6),
+  then a float64 Rayleigh-Ritz step against W itself certifies that with true residuals.
 
 Only products are defined, not the signs of singular vectors; and where two singular values at a
 mask boundary nearly coincide, the split between "active" and "inactive" base ranks is defined
@@ -34,12 +34,15 @@ EPS32 = float(torch.finfo(torch.float32).eps)
 REPRODUCIBLE_TOL = 1e-5
 FP32_SVD_C = 8.0  # see predicted_fp32_error (measured up to ~6)
 FP32_SVD_FLOOR = 2e-6  # rounding of the fp32 factors themselves (measured <= 1.5e-6)
-OWN_ERROR = {"dense": 3e-7, "iterative": 3e-6}  # measured vs float64 SVDs (products of the fp32 output)
-# a-posteriori bound above which the dense float64 method is used instead (below it, the bound is
-# added to the trainer's own error when flagging boundaries)
-ITERATIVE_MAX_ERROR = 1e-5
+DENSE_OWN_ERROR = 3e-7  # measured vs float64 SVDs (products of the fp32 output)
+# Lanczos stops when every boundary's a-posteriori bound is below this, or below a quarter of the
+# trainer's own fp32 rounding there (``_targets``); a bound above both this and that rounding
+# falls back to the dense float64 method
+LANCZOS_TARGET = 1e-6
+LANCZOS_MAX_ERROR = 1e-5
+CERTIFY_PAD = 16  # Ritz vectors beyond the wanted ones in the final float64 Rayleigh-Ritz block
 DENSE_MAX = 768  # smaller side at or below this: dense float64 (fast enough, exact)
-_CHUNK_ELEMS = 1 << 23  # rows per chunk when streaming W (keeps the extra memory ~ one Gram matrix)
+_CHUNK_ELEMS = 1 << 21  # elements per chunk when streaming W (keeps converted copies small)
 
 
 @dataclass
@@ -52,7 +55,7 @@ class BaseTerms:
     # mask boundaries k (k ranks active) where s_k and s_{k+1} nearly coincide: the trainer's own
     # fp32 SVD reproduces the base term there only to ~ eps32 * s_1 / (s_k - s_{k+1})
     ill_conditioned: list = field(default_factory=list)
-    est_error: float = 0.0  # a-posteriori bound on this computation's own error in the products (iterative)
+    est_error: float = 0.0  # a-posteriori bound on this computation's own error in the products (lanczos)
     method: str = ""
 
 
@@ -77,16 +80,19 @@ def predicted_fp32_error(s: torch.Tensor, k: int) -> float:
 
 
 def ill_conditioned_boundaries(s: torch.Tensor, rank: int, tol: float = REPRODUCIBLE_TOL,
-                               own_error: float = 0.0) -> list[int]:
+                               own_error=0.0) -> list[int]:
     """Boundaries k in 1..rank where the top-k product of an fp32 SVD is not reproducible to ``tol``.
 
     ``s`` holds the singular values s_1..s_{rank+1} (descending; fewer when the matrix is smaller).
     A boundary is flagged when the trainer's own expected error (``predicted_fp32_error``) plus
-    ours (``own_error``) exceeds ``tol``: there no method can match the trainer's result to ``tol``.
+    ours (``own_error``: one bound, or one per boundary) exceeds ``tol``: there no method can match
+    the trainer's result to ``tol``.
     """
     if s.numel() == 0 or float(s[0]) == 0.0:
         return []
-    return [k for k in range(1, min(rank, s.numel()) + 1) if predicted_fp32_error(s, k) + own_error > tol]
+    n = min(rank, s.numel())
+    own = list(own_error) if isinstance(own_error, (list, tuple)) else [own_error] * n
+    return [k for k in range(1, n + 1) if predicted_fp32_error(s, k) + own[k - 1] > tol]
 
 
 def base_terms(weight: torch.Tensor, rank: int, sig_type: str = "principal", *, method: str = "auto",
@@ -118,21 +124,23 @@ def _base_terms(weight, rank, sig_type, method, device, seed) -> BaseTerms:
     else:
         k_need = min(r + 1, small)
         if method == "auto":
-            method = "dense" if small <= max(DENSE_MAX, 4 * (2 * r)) else "iterative"
+            method = "dense" if small <= max(DENSE_MAX, 4 * (2 * r)) else "lanczos"
         if method == "dense":
             p, s, q = _dense_top(weight, k_need, device)
-            est = 0.0
-        elif method == "iterative":
+            own = [DENSE_OWN_ERROR] * r
+        elif method == "lanczos":
             with _ieee_fp32():
-                p, s, q, est_k = _iterative_top(weight, k_need, device, seed)
-            est = float(est_k[:r].max())
-            if not est <= ITERATIVE_MAX_ERROR:  # steep or pathological spectrum: be exact instead
+                p, s, q, est_k = _lanczos_top(weight, k_need, device, seed)
+            own = [max(float(e), DENSE_OWN_ERROR) for e in est_k[:r]] + [DENSE_OWN_ERROR] * (r - est_k.numel())
+            trainer = [predicted_fp32_error(s, j) for j in range(1, r + 1)]
+            if any(e > max(LANCZOS_MAX_ERROR, t) for e, t in zip(own, trainer)):
+                # not as exact as the trainer's own rounding somewhere (pathological spectrum)
                 p, s, q = _dense_top(weight, k_need, device)
-                est, method = 0.0, "dense (iterative did not converge)"
+                own, method = [DENSE_OWN_ERROR] * r, "dense (lanczos did not converge)"
         else:
             raise ValueError(f"unknown method {method!r}")
         method_used = method
-        own = OWN_ERROR["dense"] if method.startswith("dense") else max(est, OWN_ERROR["dense"])
+        est = max(own, default=0.0)
         ill = ill_conditioned_boundaries(s, r, own_error=own)
         p, lam, q = p[:, :r], s[:r], q[:r]
     p = p.float().cpu()
@@ -238,6 +246,18 @@ def _times_t(A: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _times_both(A: torch.Tensor, X: torch.Tensor):
+    """``(A @ X, A^T A @ X)`` in X's dtype from one streamed pass over A's rows."""
+    M, N = A.shape
+    AX = torch.empty(M, X.shape[1], dtype=X.dtype, device=X.device)
+    GX = torch.zeros(N, X.shape[1], dtype=X.dtype, device=X.device)
+    for sl in _chunks(M, N, A.dtype == X.dtype):
+        Ac = A[sl].to(X.dtype)
+        AX[sl] = Ac @ X
+        GX.addmm_(Ac.t(), AX[sl])
+    return AX, GX
+
+
 def _finish(A, transposed, V, s):
     """Left vectors U = A V / s in float64; returns (P, s, Q) of the original orientation."""
     U = _times(A, V)
@@ -268,146 +288,139 @@ def _dense_full(weight, device):
     return u, s, vh, s
 
 
-# --- Chebyshev-filtered subspace iteration -------------------------------------------------------
+# --- block Lanczos ----------------------------------------------------------------------------
 def _orthonormalize(X: torch.Tensor) -> torch.Tensor:
     """Cholesky-QR twice in float64 (BLAS-3, cheap for a tall block); Householder if it breaks."""
+    return _cholqr2(X)[0]
+
+
+def _cholqr2(X: torch.Tensor):
+    """``X = Q R`` with orthonormal ``Q`` (X's dtype) and upper-triangular ``R`` (float64)."""
     with _one_thread():
-        return _cholqr2(X)
-
-
-def _cholqr2(X: torch.Tensor) -> torch.Tensor:
-    Xd = X.double()
-    for _ in range(2):
-        L, info = torch.linalg.cholesky_ex(Xd.t() @ Xd)
-        if int(info) != 0:
-            Xd = torch.linalg.qr(Xd)[0]
-            continue
-        Xd = torch.linalg.solve_triangular(L, Xd.t(), upper=False).t()
-    return Xd.to(X.dtype)
-
-
-def _upper_bound(G: torch.Tensor, gen: torch.Generator, steps: int = 24) -> float:
-    """An upper bound of G's largest eigenvalue: Lanczos (full reorthogonalisation) + its residual."""
-    n = G.shape[0]
-    steps = min(steps, n)
-    V = torch.zeros(n, steps + 1, dtype=torch.float64, device=G.device)
-    v = torch.randn(n, generator=gen, dtype=torch.float64).to(G.device)
-    V[:, 0] = v / v.norm()
-    alphas, betas = [], []
-    for j in range(steps):
-        w = (G @ V[:, j].to(G.dtype)).double()
-        alphas.append(float(w @ V[:, j]))
+        Xd, R = X.double(), None
         for _ in range(2):
-            w -= V[:, : j + 1] @ (V[:, : j + 1].t() @ w)
-        b = float(w.norm())
-        if b <= 1e-12 * max(abs(alphas[-1]), 1e-300):
-            break
-        betas.append(b)
-        V[:, j + 1] = w / b
-    k = len(alphas)
-    T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
-    for i in range(k - 1):
-        T[i, i + 1] = T[i + 1, i] = betas[i]
-    ev, evec = torch.linalg.eigh(T)
-    tail = betas[k - 1] if len(betas) >= k else 0.0
-    return (float(ev[-1]) + abs(tail * float(evec[-1, -1]))) * (1 + 1e-3) + 1e-30
+            L, info = torch.linalg.cholesky_ex(Xd.t() @ Xd)
+            if int(info) != 0:
+                Xd, Ri = torch.linalg.qr(Xd)
+            else:
+                Ri = L.t()
+                Xd = torch.linalg.solve_triangular(L, Xd.t(), upper=False).t()
+            R = Ri if R is None else Ri @ R
+        return Xd.to(X.dtype), R
 
 
-def _chebyshev(G: torch.Tensor, X: torch.Tensor, degree: int, cut: float, top: float) -> torch.Tensor:
-    """p(G) X with p the degree-``degree`` Chebyshev polynomial small on [0, cut], p(top) = 1.
+def _targets(s: torch.Tensor, k: int) -> torch.Tensor:
+    """How exact boundary j must be: LANCZOS_TARGET, or a quarter of the trainer's own fp32 rounding
+    there (``predicted_fp32_error``) when that is larger: added in quadrature, it then changes the
+    achievable agreement with the trainer by < 3%."""
+    return torch.tensor([max(LANCZOS_TARGET, 0.25 * predicted_fp32_error(s, j)) for j in range(1, k)],
+                        dtype=torch.float64)
 
-    Eigen-directions above ``cut`` grow like T_d((lambda - c) / e) relative to those below; the
-    three-term recurrence is scaled by T_k at ``top`` so nothing overflows. G's diagonal is shifted
-    in place for the duration (and restored exactly), so each degree is a single ``addmm``.
-    """
-    e = c = cut / 2
-    l0 = (top - c) / e
-    t_prev, t_cur = 1.0, l0
-    diag = G.diagonal()
-    saved = diag.clone()
-    diag.sub_(c)  # G - cI, in place (restored exactly below): one BLAS call per degree
+
+def _top_eigh(H: torch.Tensor, n: int):
+    """The ``n`` largest eigenpairs of the symmetric float64 ``H``, descending. SciPy's subset
+    ``syevx`` (tridiagonalise, bisect, inverse-iterate only n vectors) is 2-3x faster than a full
+    ``eigh`` at the sizes here; torch's is the fallback."""
+    n = min(n, H.shape[0])
     try:
-        Y_prev = X
-        Y = torch.mm(G, X).mul_(1.0 / (e * l0))
-        for _ in range(1, degree):
-            t_next = 2 * l0 * t_cur - t_prev
-            Y_next = torch.addmm(Y_prev, G, Y, beta=-t_prev / t_next, alpha=2 * t_cur / (e * t_next))
-            Y_prev, Y = Y, Y_next
-            t_prev, t_cur = t_cur, t_next
-    finally:
-        diag.copy_(saved)
-    return Y
+        from scipy.linalg import eigh
+    except ImportError:
+        with _one_thread():
+            theta, Z = torch.linalg.eigh(H)
+        return theta.flip(0)[:n], Z.flip(1)[:, :n]
+    m = H.shape[0]
+    theta, Z = eigh(H.numpy(), subset_by_index=[m - n, m - 1], driver="evx", check_finite=False)
+    return torch.from_numpy(theta[::-1].copy()), torch.from_numpy(Z[:, ::-1].copy())
 
 
-def _degree(res: float, tol: float, theta_k: float, cut: float, lo: int = 4, hi: int = 24) -> int:
-    """Chebyshev degree that should bring the residual ``res`` to ``tol``: the k-th Ritz value's
-    direction grows by T_d(l) against the damped interval [0, cut]."""
-    l = 2 * theta_k / cut - 1
-    if not (l > 1) or res <= tol:
-        return lo if res <= tol else hi
-    return int(min(hi, max(lo, math.ceil(math.acosh(res / tol) / math.acosh(l)) + 1)))
+def _lanczos_top(weight, k, device, seed, block: Optional[int] = None, use_gram: bool = True):
+    """Top-k singular triplets by block Lanczos on A^T A (full reorthogonalisation, fp32 products).
+
+    Every product is one pass over A with a thin block; the Krylov space (not just a block) is
+    searched for the wanted directions, which is what makes clustered (random) spectra cheap.
+    Ritz pairs are checked on a geometric schedule against per-boundary targets (``_targets``),
+    then certified with float64 residuals against A; where fp32 products cannot resolve the
+    wanted directions (steep spectra), float64 subspace steps refine them.
+    """
+    A, transposed = _oriented(weight, device)
+    if A.dtype != torch.float32:  # one fp32 copy (lycoris' weight.float()): products in fp32
+        A = A.float()
+    M, N = A.shape
+    b = min(block or (16 if A.device.type == "cpu" else 64), N)
+    L_max = (N // b) * b
+    # the Gram matrix (one fp32 N x N) halves every product's cost or better; it pays for itself
+    # after ~0.3 N (square) to ~0.15 N (4:1) Krylov vectors, which clustered spectra need
+    G = _gram(A, torch.float32) if use_gram else None
+    gen = torch.Generator().manual_seed(seed)
+    V = torch.empty(N, L_max, dtype=torch.float32, device=A.device)
+    H = torch.zeros(0, 0, dtype=torch.float64)  # the block-tridiagonal projection V^T A^T A V
+    V[:, :b] = _orthonormalize(torch.randn(N, b, generator=gen).to(A.device))
+    j, check_at = 0, max(4 * k, 8 * b)
+    theta = Z = None
+    while True:
+        Vj = V[:, j: j + b]
+        Y = G @ Vj if G is not None else torch.mm(torch.mm(A, Vj).t(), A).t()  # A^T A Vj
+        basis = V[:, : j + b]
+        C = basis.t() @ Y
+        Y -= basis @ C
+        C2 = basis.t() @ Y  # second pass (classical Gram-Schmidt twice)
+        Y -= basis @ C2
+        D = (C[j:] + C2[j:]).double().cpu()
+        if H.shape[0] < j + 2 * b:  # grow geometrically (a full L_max^2 float64 would be ~N^2)
+            H = torch.nn.functional.pad(H, (0, j + 2 * b, 0, j + 2 * b))
+        H[j: j + b, j: j + b] = (D + D.t()) / 2
+        Qn, R = _cholqr2(Y)
+        j += b
+        last = j + b > L_max
+        if not last:
+            H[j: j + b, j - b: j] = R.cpu()
+            H[j - b: j, j: j + b] = R.t().cpu()
+            V[:, j: j + b] = Qn
+        if j >= check_at or last:
+            theta, Z = _top_eigh(H[:j, :j], k + CERTIFY_PAD)
+            sv = theta.clamp_min(0).sqrt()
+            # Gram residual / s_i = singular residual |A^T u_i - s_i v_i| (u_i = A v_i / s_i)
+            res = (R.cpu() @ Z[j - b: j, :k]).norm(dim=0) / sv[:k].clamp_min(1e-300)
+            est = _error_bound(res, sv[:k], float(sv[min(k + CERTIFY_PAD, sv.numel()) - 1]))[: k - 1]
+            if last or bool((est <= _targets(sv[:k], k)).all()):
+                break
+            check_at = j + max(b, (j // 3) // b * b)
+    Vr = V[:, :j].double() @ Z.to(V.device)  # float64: the Ritz vectors keep the basis exact
+    del V, H, G
+    return _certify(A, transposed, Vr, k)
 
 
-def _error_bound(R: torch.Tensor, s: torch.Tensor, last: float) -> torch.Tensor:
+def _certify(A, transposed, V, k, refine_max: int = 6):
+    """Rayleigh-Ritz against A in float64 on the block ``V`` (k wanted + a few more Ritz vectors),
+    and the error of every boundary from the float64 residuals ``A^T u_i - s_i v_i``
+    (``_error_bound``); float64 subspace steps while that misses the targets (fp32 products
+    resolve a direction only to ~eps32 s_1^2 / (s_i^2 - s_(i+1)^2): steep spectra)."""
+    Q = V.double()
+    for step in range(refine_max + 1):
+        Zm, GQ = _times_both(A, Q)
+        with _one_thread():
+            Uz, Sz, Vzh = torch.linalg.svd(Zm, full_matrices=False)
+        U, s = Uz[:, :k], Sz[:k]
+        Vf = (Q @ Vzh.t())[:, :k].contiguous()
+        last = float(Sz[-1]) if Sz.numel() > k else 0.0
+        ATU = GQ @ (Vzh.t()[:, :k] / s.clamp_min(1e-300))  # A^T U = A^T A Q Vz S^-1
+        est = _error_bound((ATU - Vf * s).norm(dim=0), s, last)[: k - 1]
+        if bool((est <= _targets(s.cpu(), k)).all()) or step == refine_max:
+            break
+        Q = _cholqr2(GQ)[0]
+    if transposed:
+        return Vf, s, U.t(), est
+    return U, s, Vf.t(), est
+
+
+def _error_bound(res: torch.Tensor, s: torch.Tensor, last: float) -> torch.Tensor:
     """Per boundary j = 1..k: a bound on the relative error of the rank-j product.
 
-    The residuals R[:, i] = A^T u_i - s_i v_i are orthogonal to the block, so they turn v_i towards
-    directions outside it (singular values <= ``last``, the block's smallest Ritz value) by at most
-    |R_i| / (s_i - last); that moves s_i u_i v_i^T by ~s_i times the angle.
+    The residuals ``res[i]`` = |A^T u_i - s_i v_i| are orthogonal to the block, so they turn v_i
+    towards directions outside it (singular values <= ``last``, the block's smallest Ritz value) by
+    at most res_i / (s_i - last); that moves s_i u_i v_i^T by ~s_i times the angle.
     """
-    res = R.norm(dim=0)
     gaps = (s - last).clamp_min(0)
     dev = torch.where(gaps > 0, res * s / gaps, torch.full_like(res, math.inf))
     norms = torch.sqrt(torch.cumsum(s * s, 0)).clamp_min(1e-300)
     return (torch.sqrt(torch.cumsum(dev * dev, 0)) / norms).cpu()
-
-
-def _iterative_top(weight, k, device, seed, block: Optional[int] = None, tol32: float = 1e-6, max_iter: int = 40,
-                   first_degree: int = 6, refine_target: float = 2e-6, refine_max: int = 0):
-    A, transposed = _oriented(weight, device)
-    M, N = A.shape
-    b = min(N, block or max(2 * k, k + 32))
-    G = _gram(A, torch.float32)
-    gen = torch.Generator().manual_seed(seed)
-    with _one_thread():
-        top = _upper_bound(G, gen)
-    X = _orthonormalize(G @ torch.randn(N, b, generator=gen).to(G.device))
-    cut = degree = None
-    prev_res = math.inf
-    for _ in range(max_iter):
-        if cut is not None:
-            X = _orthonormalize(_chebyshev(G, X, degree, cut, top))
-        GX = G @ X
-        with _one_thread():
-            H = X.double().t() @ GX.double()
-            theta, Z = torch.linalg.eigh((H + H.t()) / 2)
-            theta, Z = theta.flip(0), Z.flip(1)
-            X = (X.double() @ Z).float()
-            GX = (GX.double() @ Z).float()
-            res = float(((GX[:, :k] - X[:, :k] * theta[:k].float()).norm(dim=0) / top).max())
-        cut = max(float(theta[-1]), 1e-12 * top)
-        if res < tol32 or res > 0.5 * prev_res:  # converged, or stuck at fp32's floor
-            break
-        prev_res = res
-        # the first cut (from a barely filtered block) is far too low: a short filter refines it
-        degree = _degree(res, tol32, float(theta[k - 1]), cut) if degree is not None else first_degree
-    del G, GX
-    # Rayleigh-Ritz against A itself in float64 (exact inside the block, whatever fp32 did), then
-    # float64 subspace steps while the error bound says fp32 was not enough (steep spectra: the
-    # smallest wanted singular values are below what an fp32 Gram matrix resolves)
-    Q = X.double()
-    for step in range(refine_max + 1):
-        Zm = _times(A, Q)
-        with _one_thread():
-            Uz, Sz, Vzh = torch.linalg.svd(Zm, full_matrices=False)
-            V = Q @ Vzh.t()
-        U, s = Uz[:, :k], Sz[:k]
-        V = V[:, :k].contiguous()
-        est = _error_bound(_times_t(A, U) - V * s, s, float(Sz[-1]) if Sz.numel() > k else 0.0)
-        if float(est.max()) <= refine_target or step == refine_max:
-            break
-        with _one_thread():
-            Q = torch.linalg.qr(_times_t(A, Zm))[0]
-    if transposed:
-        return V, s, U.t(), est
-    return U, s, V.t(), est
