@@ -41,6 +41,7 @@ DENSE_OWN_ERROR = 3e-7  # measured vs float64 SVDs (products of the fp32 output)
 LANCZOS_TARGET = 1e-6
 LANCZOS_MAX_ERROR = 1e-5
 CERTIFY_PAD = 16  # Ritz vectors beyond the wanted ones in the final float64 Rayleigh-Ritz block
+CHECK_GROWTH = 3  # Ritz pairs are checked each time the Krylov space has grown by 1/CHECK_GROWTH
 DENSE_MAX = 768  # smaller side at or below this: dense float64 (fast enough, exact)
 _CHUNK_ELEMS = 1 << 21  # elements per chunk when streaming W (keeps converted copies small)
 
@@ -333,7 +334,7 @@ def _top_eigh(H: torch.Tensor, n: int):
     return torch.from_numpy(theta[::-1].copy()), torch.from_numpy(Z[:, ::-1].copy())
 
 
-def _lanczos_top(weight, k, device, seed, block: Optional[int] = None, use_gram: bool = True):
+def _lanczos_top(weight, k, device, seed, block: Optional[int] = None, use_gram: Optional[bool] = None):
     """Top-k singular triplets by block Lanczos on A^T A (full reorthogonalisation, fp32 products).
 
     Every product is one pass over A with a thin block; the Krylov space (not just a block) is
@@ -348,8 +349,11 @@ def _lanczos_top(weight, k, device, seed, block: Optional[int] = None, use_gram:
     M, N = A.shape
     b = min(block or (16 if A.device.type == "cpu" else 64), N)
     L_max = (N // b) * b
-    # the Gram matrix (one fp32 N x N) halves every product's cost or better; it pays for itself
-    # after ~0.3 N (square) to ~0.15 N (4:1) Krylov vectors, which clustered spectra need
+    # on a tall A (M >= 2N) the Gram matrix (one fp32 N x N) makes every product 2-4x cheaper and
+    # pays for itself after a few hundred Krylov vectors; on a square one, thin products with A
+    # itself cost no more, and far less when the spectrum converges fast (measured, 2-core CPU)
+    if use_gram is None:
+        use_gram = M >= 2 * N
     G = _gram(A, torch.float32) if use_gram else None
     gen = torch.Generator().manual_seed(seed)
     V = torch.empty(N, L_max, dtype=torch.float32, device=A.device)
@@ -384,7 +388,7 @@ def _lanczos_top(weight, k, device, seed, block: Optional[int] = None, use_gram:
             est = _error_bound(res, sv[:k], float(sv[min(k + CERTIFY_PAD, sv.numel()) - 1]))[: k - 1]
             if last or bool((est <= _targets(sv[:k], k)).all()):
                 break
-            check_at = j + max(b, (j // 3) // b * b)
+            check_at = j + max(b, (j // CHECK_GROWTH) // b * b)
     Vr = V[:, :j].double() @ Z.to(V.device)  # float64: the Ritz vectors keep the basis exact
     del V, H, G
     return _certify(A, transposed, Vr, k)
