@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import math
 import statistics
@@ -164,10 +165,22 @@ def runtime_share(tlora_model, sample_fn, patcher):
     return spent[0] / total
 
 
+def bootstrap_ratio_ci(a, b, n=2000, seed=0):
+    """95% bootstrap interval of median(a) / median(b), resampling the rounds (pairs kept together)."""
+    import random
+
+    rng = random.Random(seed)
+    idx = range(len(a))
+    ratios = sorted(
+        statistics.median(a[i] for i in pick) / statistics.median(b[i] for i in pick)
+        for pick in ([rng.choice(idx) for _ in idx] for _ in range(n)))
+    return [round(ratios[int(0.025 * n)], 4), round(ratios[int(0.975 * n) - 1], 4)]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--runs", type=int, default=9, help="steady-state rounds (median); >= 5")
+    p.add_argument("--runs", type=int, default=15, help="steady-state rounds (median); >= 5")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--rank", type=int, default=64)
     p.add_argument("--steps", type=int, default=4)
@@ -217,9 +230,14 @@ def main(argv=None):
     order = list(variants)
     for i in range(args.warmup + args.runs):
         for name in order[i % 3:] + order[:i % 3]:  # rotate who goes first
-            t, c = time.perf_counter(), time.process_time()
-            outputs[name] = sample(variants[name])
-            dt, dc = time.perf_counter() - t, time.process_time() - c
+            gc.collect()  # no collection of the previous run's garbage inside a timed run
+            gc.disable()
+            try:
+                t, c = time.perf_counter(), time.process_time()
+                outputs[name] = sample(variants[name])
+                dt, dc = time.perf_counter() - t, time.process_time() - c
+            finally:
+                gc.enable()
             if i >= args.warmup:
                 times[name].append(dt)
                 cpu[name].append(dc)
@@ -253,6 +271,8 @@ def main(argv=None):
         "overhead_vs_merged_lora_paired_median": round(statistics.median(t / m for t, m in zip(times["tlora"], times["merged_lora"])), 4),
         "overhead_vs_merged_lora_min": round(min(times["tlora"]) / min(times["merged_lora"]), 4),
         "overhead_vs_merged_lora_cpu_time": round(med_cpu["tlora"] / med_cpu["merged_lora"], 4),
+        # how far the headline figure moves with the machine's run-to-run noise
+        "overhead_vs_merged_lora_bootstrap_95": bootstrap_ratio_ci(times["tlora"], times["merged_lora"]),
         "flop_floor_full_rank": round(floor_full, 4),
         "flop_floor_active_ranks": round(floor_active, 4),
         "tlora_runtime_share_of_run": round(share, 4),

@@ -355,6 +355,9 @@ def _lanczos_top(weight, k, device, seed, block: Optional[int] = None, use_gram:
     if use_gram is None:
         use_gram = M >= 2 * N
     G = _gram(A, torch.float32) if use_gram else None
+    # A^T as its own row-major copy (one weight) when A needed none: At @ (A @ V) runs ~20% faster
+    # than a product with a transposed operand at these thin shapes
+    At = A.t().contiguous() if G is None and A.data_ptr() == weight.data_ptr() else A.t()
     gen = torch.Generator().manual_seed(seed)
     V = torch.empty(N, L_max, dtype=torch.float32, device=A.device)
     H = torch.zeros(0, 0, dtype=torch.float64)  # the block-tridiagonal projection V^T A^T A V
@@ -363,13 +366,17 @@ def _lanczos_top(weight, k, device, seed, block: Optional[int] = None, use_gram:
     theta = Z = None
     while True:
         Vj = V[:, j: j + b]
-        Y = G @ Vj if G is not None else torch.mm(torch.mm(A, Vj).t(), A).t()  # A^T A Vj
+        Y = G @ Vj if G is not None else At @ (A @ Vj)  # A^T A Vj
+        # the block three-term recurrence (against V_j and V_j-1), then one classical Gram-Schmidt
+        # pass against the whole basis for what rounding left (full reorthogonalisation)
+        lo = max(0, j - b)
+        local = V[:, lo: j + b]
+        C = local.t() @ Y
+        Y -= local @ C
         basis = V[:, : j + b]
-        C = basis.t() @ Y
-        Y -= basis @ C
-        C2 = basis.t() @ Y  # second pass (classical Gram-Schmidt twice)
+        C2 = basis.t() @ Y
         Y -= basis @ C2
-        D = (C[j:] + C2[j:]).double().cpu()
+        D = (C[j - lo:] + C2[j:]).double().cpu()
         if H.shape[0] < j + 2 * b:  # grow geometrically (a full L_max^2 float64 would be ~N^2)
             H = torch.nn.functional.pad(H, (0, j + 2 * b, 0, j + 2 * b))
         H[j: j + b, j: j + b] = (D + D.t()) / 2
@@ -390,7 +397,7 @@ def _lanczos_top(weight, k, device, seed, block: Optional[int] = None, use_gram:
                 break
             check_at = j + max(b, (j // CHECK_GROWTH) // b * b)
     Vr = V[:, :j].double() @ Z.to(V.device)  # float64: the Ritz vectors keep the basis exact
-    del V, H, G
+    del V, H, G, At
     return _certify(A, transposed, Vr, k)
 
 
