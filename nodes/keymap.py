@@ -47,6 +47,8 @@ class BoundTLoRA:
     tfile: Optional[TLoRAFile] = None
     # LyCORIS: file module name -> svd.BaseTerms rebuilt from this model (see save_self_contained)
     base_terms: dict = field(default_factory=dict)
+    # what the base weights the SVD read were quantized as (empty: the model's own float weights)
+    quantized: list = field(default_factory=list)
 
 
 @dataclass
@@ -350,7 +352,8 @@ def bind_tlora(model_patcher, tfile: TLoRAFile, cache_dir=None, progress: bool =
     if quantized:
         msg = (f"{len(quantized)} base weight(s) are {sorted(set(quantized))[0]}: the SVD used their dequantized "
                "values, which differ from the weights the T-LoRA was trained on, so its base terms are approximate. "
-               "Write a self-contained copy from the original weights (save_self_contained) to avoid this")
+               "Write a self-contained copy once from the original weights (T-LoRA Save Self-Contained node) "
+               "and load that instead")
         notes.append(msg)
         log.warning("T-LoRA %s: %s", os.path.basename(tfile.path), msg)
     if ill:
@@ -361,7 +364,7 @@ def bind_tlora(model_patcher, tfile: TLoRAFile, cache_dir=None, progress: bool =
                      f"the base term only to worse than {svd.REPRODUCIBLE_TOL:g} relative, so tiny differences from "
                      "training are unavoidable (typical of untrained, random weights)")
         log.info("T-LoRA %s: ill-conditioned mask boundaries: %s", os.path.basename(tfile.path), ill)
-    return BoundTLoRA(targets, matched, unmatched, notes, tfile, base_terms)
+    return BoundTLoRA(targets, matched, unmatched, notes, tfile, base_terms, sorted(set(quantized)))
 
 
 def _compute(mod: SvdBaseTerms, w: torch.Tensor, device) -> svd.BaseTerms:
@@ -377,5 +380,8 @@ def save_self_contained(bound: BoundTLoRA, dst_path: str) -> str:
     """Write a copy of a LyCORIS file carrying the base terms rebuilt for this model (no SVD later)."""
     if bound.tfile is None or not bound.base_terms:
         raise ValueError("save_self_contained needs a LyCORIS T-LoRA whose base terms were rebuilt")
+    if bound.quantized:
+        raise ValueError(f"{os.path.basename(bound.tfile.path)}: the base weights are {bound.quantized[0]}, so base "
+                         "terms rebuilt from them are approximate; write the copy from the original (unquantized) model")
     return write_self_contained(bound.tfile.path, dst_path, bound.base_terms,
                                 f"top-r SVD of the base weights ({len(bound.base_terms)} modules)", allow_partial=True)

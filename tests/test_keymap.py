@@ -192,6 +192,11 @@ def test_fp8_base_weight_is_dequantized_with_a_note(mods, tiny_flux, tmp_path):
     terms = b.base_terms["lycoris_transformer_blocks_0_attn_to_out_0"]
     u, s, vh = torch.linalg.svd(w8.double(), full_matrices=False)
     assert rel(prefix(terms.p, terms.lam, terms.q, 4), (u[:, :4] * s[:4]) @ vh[:4]) < 1e-6
+    # approximate base terms must not be frozen into a self-contained copy
+    assert b.quantized == ["float8_e4m3fn"]
+    with pytest.raises(ValueError, match=r"q\.safetensors: the base weights are float8_e4m3fn"):
+        mods["keymap"].save_self_contained(b, str(tmp_path / "q_copy.safetensors"))
+    assert not (tmp_path / "q_copy.safetensors").exists()
 
 
 def test_function_target_swapped_halves(mods, tiny_flux, tmp_path):

@@ -127,3 +127,54 @@ def test_a_changed_file_is_fingerprinted_anew(nodes, loras, lycoris_file):
     data = (loras / name).read_bytes()
     (loras / name).write_bytes(data + b" ")  # same name, new content
     assert loader.fingerprint_inputs(lora_name=name, strength_model=1.0) != first
+
+
+def test_save_node_writes_a_copy_that_loads_without_svd(nodes, loras, lycoris_file, tiny_flux, monkeypatch):
+    """The copy is in the loras folder under the name the node returns; the Loader reads it with no
+    SVD at all and attaches the very same adapters as from the original."""
+    save = pack_module("nodes.save").TLoraSaveSelfContained
+    keymap, svd = pack_module("nodes.keymap"), pack_module("tlora_core.svd")
+    name = put(loras, lycoris_file, "st.safetensors")
+    out = save.execute(tiny_flux, name, "", False)
+    assert out.args == ("st_selfcontained.safetensors",)
+    assert "st_selfcontained.safetensors" in out.ui.as_dict()["text"][0]
+    original, _ = load(nodes, tiny_flux, name)
+
+    def no_svd(*a, **k):
+        raise AssertionError("SVD called for a self-contained copy")
+
+    monkeypatch.setattr(svd, "base_terms", no_svd)
+    copy, info = load(nodes, tiny_flux, "st_selfcontained.safetensors")
+    assert "with stored base terms" in info
+    patcher = pack_module("nodes.patcher")
+    (a,), (b,) = patcher.tlora_runtimes(original), patcher.tlora_runtimes(copy)
+    assert (a.schedule.min_rank, a.schedule.alpha) == (b.schedule.min_rank, b.schedule.alpha) == (2, 1.5)
+
+    def adapters(runtime):
+        return {(m, e.out_slice): e.adapter for m, entries in runtime.modules.items() for e in entries}
+
+    ta, tb = adapters(a), adapters(b)
+    assert ta.keys() == tb.keys() and len(ta) > 0
+    for key, ad in tb.items():
+        for k in (1, 4, 8):
+            assert torch.allclose(ad.delta_weight(k), ta[key].delta_weight(k), rtol=0, atol=1e-6), key
+
+
+def test_save_node_refuses_overwrites_other_formats_and_odd_names(nodes, loras, lycoris_file, tiny_flux, tmp_path):
+    from devkit.tlora_files import write_kohya
+
+    save = pack_module("nodes.save").TLoraSaveSelfContained
+    name = put(loras, lycoris_file, "st.safetensors")
+    (loras / "taken.safetensors").write_bytes(b"keep me")
+    with pytest.raises(FileExistsError, match=r"taken\.safetensors already exists"):
+        save.execute(tiny_flux, name, "taken", False)
+    assert (loras / "taken.safetensors").read_bytes() == b"keep me"
+    assert save.execute(tiny_flux, name, "taken", True).args == ("taken.safetensors",)
+    assert (loras / "taken.safetensors").stat().st_size > 1000
+    with pytest.raises(ValueError, match="must be a plain file name"):
+        save.execute(tiny_flux, name, "../outside", False)
+    with pytest.raises(ValueError, match="would replace st.safetensors itself"):
+        save.execute(tiny_flux, name, "st", True)
+    kohya = put(loras, write_kohya(tiny_flux, tmp_path / "k.safetensors"), "kohya.safetensors")
+    with pytest.raises(ValueError, match=r"kohya\.safetensors .*needs no self-contained copy"):
+        save.execute(tiny_flux, kohya, "", False)

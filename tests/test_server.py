@@ -24,7 +24,7 @@ def inputs(node: dict) -> dict:
 
 
 def test_every_node_has_tooltips_descriptions_and_the_category(object_info):
-    for node_id in ("TLoraLoader", "TLoraSchedule", "TLoraSchedulePreview"):
+    for node_id in ("TLoraLoader", "TLoraSchedule", "TLoraSchedulePreview", "TLoraSaveSelfContained"):
         node = object_info[node_id]
         assert node["category"] == CATEGORY
         assert len(node["description"]) > 40
@@ -275,3 +275,20 @@ def test_a_changed_file_is_reloaded(comfy_server, demo):
     assert "2" not in cached_nodes(changed)
     assert "  alpha = 3.0  (" in changed["outputs"]["4"]["text"][0]
     assert changed["outputs"]["3"]["text"][0] != first["outputs"]["3"]["text"][0]
+
+
+def test_self_contained_copy_is_saved_and_loads_in_the_server(comfy_server, demo):
+    """Save node in a real prompt: the copy appears in the loras list and loads from it."""
+    prompt = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": demo["checkpoint"]}},
+              "2": {"class_type": "TLoraSaveSelfContained",
+                    "inputs": {"model": ["1", 0], "lora_name": demo["lora"], "filename": "demo_copy", "overwrite": True}}}
+    entry = comfy_server.run_prompt(prompt)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    (text,) = entry["outputs"]["2"]["text"]
+    assert text.startswith("saved demo_copy.safetensors:") and "base terms" in text
+    listed = comfy_server.get("/models/loras")
+    assert "demo_copy.safetensors" in listed
+    entry = comfy_server.run_prompt(_loader_prompt(demo, "demo_copy.safetensors"))
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    info = entry["outputs"]["4"]["text"][0]
+    assert "with stored base terms" in info and "rebuilt by SVD" not in info
