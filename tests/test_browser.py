@@ -67,6 +67,26 @@ def open_number_editor(page, widget: str):
     raise AssertionError(f"double-clicking {widget} opened no editor")
 
 
+def search_nodes(page, text: str):
+    """Open the node search the way a user does (double-click the empty canvas) and type ``text``
+    once its input has focus (keys typed before that are lost on a slow machine); the options."""
+    options = page.get_by_role("option").filter(has_text=re.compile(re.escape(text)))
+    for _ in range(3):
+        page.mouse.dblclick(700, 450)
+        try:
+            page.wait_for_function("document.activeElement && document.activeElement.tagName === 'INPUT'",
+                                   timeout=10000)
+            page.keyboard.type(text)
+            options.first.wait_for(timeout=15000)
+            return options
+        except Exception:
+            print("node search did not open or found nothing, retrying")
+            page.keyboard.press("Escape")
+            page.mouse.click(300, 800)
+    page.screenshot(path=str(ARTIFACTS / "browser_failure.png"))
+    raise AssertionError(f"the node search found no {text!r} node")
+
+
 def curve_state(page) -> dict:
     return page.evaluate("""() => { const c = document.querySelector('canvas.tlora-curve');
         return c && {ranks: JSON.parse(c.dataset.ranks || '[]'), draws: +c.dataset.drawCount,
@@ -79,10 +99,7 @@ def test_find_add_and_edit_the_schedule_node(page):
     page.evaluate("() => { app.graph.clear(); app.canvas.setDirty(true, true); }")
 
     # node search: double-click the empty canvas, type, see all three nodes
-    page.mouse.dblclick(700, 450)
-    page.keyboard.type("T-LoRA")
-    options = page.get_by_role("option").filter(has_text=re.compile("T-LoRA"))
-    options.first.wait_for()
+    options = search_nodes(page, "T-LoRA")
     texts = [t.split("\n")[0].strip() for t in options.all_inner_texts()]
     assert {"T-LoRA Loader", "T-LoRA Schedule", "T-LoRA Schedule Preview"} <= set(texts), texts
     page.get_by_role("option").filter(has_text=re.compile(r"^T-LoRA\s+Schedule\s*loaders")).first.click()
