@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import sys
@@ -63,3 +64,17 @@ def pack_module(name: str):
     """``pack_module("nodes.patcher")`` -> the module ``comfyui_tlora.nodes.patcher``."""
     import_pack()
     return importlib.import_module(f"{PACK_NAME}.{name}")
+
+
+@contextlib.contextmanager
+def one_thread():
+    """One intra-op thread for tiny ops (on a busy 2-core box their OpenMP synchronisation costs
+    more than their work); restores the previous setting."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)

@@ -26,6 +26,8 @@ from typing import Iterable, Optional
 
 import torch
 
+from .host import one_thread
+
 SIMPLETUNER_PRESET = {"target_module": ["Attention", "FeedForward"]}
 
 
@@ -64,7 +66,7 @@ def separate_spectrum_(model_patcher, paths: Iterable[str], decay: float = 0.93,
     targets = diffusers_targets(model_patcher)
     sd = model_patcher.model.state_dict()
     gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad(), _one_thread():
+    with torch.no_grad(), one_thread():
         for path in paths:
             key, piece = targets[path]
             w = sd[key] if piece is None else sd[key].narrow(piece[0], piece[1], piece[2])
@@ -74,16 +76,6 @@ def separate_spectrum_(model_patcher, paths: Iterable[str], decay: float = 0.93,
             v = torch.linalg.qr(torch.randn(i, k, generator=gen, dtype=torch.float64))[0]
             s = 2.0 * decay ** torch.arange(k, dtype=torch.float64)
             w.copy_(((u * s) @ v.t()).to(w.dtype))
-
-
-@contextlib.contextmanager
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 # --- LyCORIS -------------------------------------------------------------------------------------
@@ -252,7 +244,7 @@ def _vanilla_terms(o, i, r, gen):
 def _ortho_terms(o, i, r, gen, base_weight=None):
     """Official ``ortho_lora``: SVD of a random (in, out) matrix (or of the layer, ``lortho_lora``),
     stored with its frozen copy; the trained terms move away from it."""
-    with _one_thread():  # small SVDs: OpenMP sync dominates on a busy CPU
+    with one_thread():  # small SVDs: OpenMP sync dominates on a busy CPU
         if base_weight is None:
             u, s, v = torch.linalg.svd(torch.normal(0, 1 / r, size=(i, o), generator=gen))
             q, p, lam = u[:r].clone(), v[:, :r].clone(), s[None, :r].clone()

@@ -23,6 +23,14 @@ def lora_path(lora_name: str) -> str:
     return folder_paths.get_full_path_or_raise("loras", lora_name)
 
 
+def check_lora_name(lora_name) -> "bool | str":
+    """``validate_inputs`` of the nodes taking a ``lora_name``: checked when the prompt is queued
+    (ComfyUI does not check V3 combo values itself)."""
+    if lora_name is None or lora_name in folder_paths.get_filename_list("loras"):
+        return True
+    return f"{lora_name!r} is not a file of the loras model folder"
+
+
 def info_text(lora_name: str, tfile, bound, schedule: sched.Schedule, strength: float) -> str:
     lines = [
         f"T-LoRA: {lora_name}",
@@ -73,10 +81,7 @@ class TLoraLoader(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, lora_name=None):
-        """Checked when the prompt is queued (ComfyUI does not check V3 combo values itself)."""
-        if lora_name is None or lora_name in folder_paths.get_filename_list("loras"):
-            return True
-        return f"{lora_name!r} is not a file of the loras model folder"
+        return check_lora_name(lora_name)
 
     @classmethod
     def fingerprint_inputs(cls, lora_name=None, **kwargs):

@@ -16,7 +16,7 @@ import folder_paths
 
 from ..tlora_core.formats import SvdBaseTerms, read_tlora
 from . import keymap
-from .loader import lora_path
+from .loader import check_lora_name, lora_path
 from .schedule import CATEGORY
 
 SUFFIX = "_selfcontained"
@@ -68,9 +68,7 @@ class TLoraSaveSelfContained(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, lora_name=None):
-        if lora_name is None or lora_name in folder_paths.get_filename_list("loras"):
-            return True
-        return f"{lora_name!r} is not a file of the loras model folder"
+        return check_lora_name(lora_name)
 
     @classmethod
     def execute(cls, model, lora_name: str, filename: str, overwrite: bool) -> io.NodeOutput:

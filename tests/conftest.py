@@ -21,6 +21,13 @@ host.import_pack()
 
 
 
+@pytest.fixture(scope="module")
+def single_threaded():
+    """For modules of tiny-model tests (``pytestmark = pytest.mark.usefixtures("single_threaded")``)."""
+    with host.one_thread():
+        yield
+
+
 @pytest.fixture(scope="session")
 def comfy():
     """ComfyUI's ``comfy`` package, imported in-process on the CPU."""

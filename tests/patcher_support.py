@@ -168,23 +168,6 @@ def hooks_left(model_patcher) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in dm.modules())
 
 
-def single_thread():
-    """Context for tiny-model tests: one intra-op thread (tiny ops on a busy 2-core box are
-    dominated by OpenMP synchronisation otherwise); restores the previous setting."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def ctx():
-        n = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(n)
-
-    return ctx()
-
-
 def no_gc_collect():
     """lycoris-lora calls gc.collect() after every module's SVD init (pure clean-up, no effect on
     the numbers); in a process holding ComfyUI that costs seconds per module."""

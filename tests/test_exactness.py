@@ -30,10 +30,7 @@ STRENGTH = 0.8
 TOL = 1e-3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with S.single_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_threaded")
 
 
 @pytest.fixture(scope="module")

@@ -35,10 +35,7 @@ FLUX_SIGMAS = [1.0, 0.8, 0.55, 0.3, 0.05]
 SDXL_TIMESTEPS = (999.0, 750.0, 500.0, 250.0, 20.0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with S.single_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_threaded")
 
 
 @pytest.fixture(scope="module")

@@ -27,10 +27,7 @@ SIGMAS = [0.9, 0.5, 0.15]
 LATENT = torch.zeros(1, 16, 8, 8)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with S.single_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_threaded")
 
 
 @pytest.fixture(scope="module")

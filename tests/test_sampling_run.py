@@ -26,10 +26,7 @@ STEPS = 4
 STRENGTH = 0.9
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with S.single_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_threaded")
 
 
 @pytest.fixture(scope="module")
