@@ -48,10 +48,10 @@ def cpu_adapter_threads() -> Optional[int]:
 
     They are skinny (rows x in x k with k <= 2 * rank) and small, so a second thread gains little;
     but each multi-threaded op is an OpenMP barrier, and on a small busy CPU (another process
-    on the other core) every barrier waits a scheduler slice. Measured on the busy 2-core host
-    (benchmarks/overhead.py model, alternating runs): 1.09x a merged LoRA with two threads, 0.99x
-    with one. With <= 2 threads they run on one thread (~+0.5% when the machine is idle); larger
-    CPUs keep torch's threading.
+    on the other core) every barrier waits a scheduler slice. Measured on a 2-core host
+    (benchmarks/cpu_threads.py): one thread saves 3-9% of a run when another process keeps a
+    core busy and costs ~1% when the machine is idle. So with <= 2 threads they run on one
+    thread; larger CPUs keep torch's threading.
     ``COMFYUI_TLORA_CPU_THREADS=N`` forces N (0 = torch's setting).
     """
     forced = os.environ.get("COMFYUI_TLORA_CPU_THREADS")
