@@ -161,23 +161,27 @@ def test_half_precision_weight_is_read_as_fp32():
     assert rel(prefix_products(t.p, t.lam, t.q, 8), (u[:, :8] * s[:8]) @ vh[:8]) < 1e-6
 
 
-def test_weight_is_streamed_in_chunks(monkeypatch):
-    """Peak extra memory ~ one Gram matrix: a non-fp32 weight is converted a row-chunk at a time,
-    never as a whole (fp32 or float64) copy."""
+def test_weight_is_converted_once_or_in_chunks(monkeypatch):
+    """Peak extra memory ~ one fp32 weight: a bf16 weight gets at most one whole fp32 copy (Lanczos'
+    products), and its float64 conversions (the certification) go a row-chunk at a time."""
     w = decaying(2048, 128).to(torch.bfloat16)
     monkeypatch.setattr(svd, "_CHUNK_ELEMS", 128 * 256)
-    sizes = []
-    orig_to = torch.Tensor.to
+    copies = []  # (dtype, elements) of every converted copy
+    for name in ("to", "float", "double"):
+        orig = getattr(torch.Tensor, name)
 
-    def spy(self, *a, **k):
-        out = orig_to(self, *a, **k)
-        if out.data_ptr() != self.data_ptr():
-            sizes.append(out.numel())
-        return out
+        def spy(self, *a, _orig=orig, **k):
+            out = _orig(self, *a, **k)
+            if isinstance(out, torch.Tensor) and out.data_ptr() != self.data_ptr():
+                copies.append((out.dtype, out.numel()))
+            return out
 
-    monkeypatch.setattr(torch.Tensor, "to", spy)
+        monkeypatch.setattr(torch.Tensor, name, spy)
     t = svd.base_terms(w, 8, method="lanczos")
-    assert max(sizes) <= 128 * 256 < w.numel()
+    monkeypatch.undo()
+    whole = [(d, n) for d, n in copies if n >= w.numel()]
+    assert whole == [(torch.float32, w.numel())], whole
+    assert max(n for d, n in copies if d == torch.float64) <= 128 * 256
     u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
     assert rel(prefix_products(t.p, t.lam, t.q, 8), (u[:, :8] * s[:8]) @ vh[:8]) < 2e-6
 

@@ -8,8 +8,9 @@ triplets are used. Here only those are computed:
 
 - ``dense``: the Gram matrix of the smaller side in float64 and ``eigh``; exact to float64 and the
   fastest for small layers (tests, tiny models).
-- ``lanczos``: block Lanczos (full reorthogonalisation) on the fp32 Gram matrix, which searches
-  the whole Krylov space rather than one block: a random (Marchenko-Pastur) layer, the hardest
+- ``lanczos``: block Lanczos (full reorthogonalisation) on W^T W in fp32 (products with W itself,
+  or with its Gram matrix for a tall W), which searches the whole Krylov space rather than one
+  block. The extra memory is about one fp32 weight. A random (Marchenko-Pastur) layer, the hardest
   case, needs ~800 Krylov vectors for r = 64 at width 3072, a trained-like one far fewer. It
   stops when every boundary is as exact as the trainer's own fp32 SVD can be there (or 1e-6),
   then a float64 Rayleigh-Ritz step against W itself certifies that with true residuals.
@@ -238,15 +239,6 @@ def _times(A: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _times_t(A: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
-    """A^T @ Y, streaming A by rows."""
-    M, N = A.shape
-    out = torch.zeros(N, Y.shape[1], dtype=Y.dtype, device=Y.device)
-    for sl in _chunks(M, N, A.dtype == Y.dtype):
-        out.addmm_(A[sl].to(Y.dtype).t(), Y[sl])
-    return out
-
-
 def _times_both(A: torch.Tensor, X: torch.Tensor):
     """``(A @ X, A^T A @ X)`` in X's dtype from one streamed pass over A's rows."""
     M, N = A.shape
@@ -338,7 +330,7 @@ def _lanczos_top(weight, k, device, seed, block: Optional[int] = None, use_gram:
     """Top-k singular triplets by block Lanczos on A^T A (full reorthogonalisation, fp32 products).
 
     Every product is one pass over A with a thin block; the Krylov space (not just a block) is
-    searched for the wanted directions, which is what makes clustered (random) spectra cheap.
+    searched for the wanted directions, which is what makes clustered (random) spectra affordable.
     Ritz pairs are checked on a geometric schedule against per-boundary targets (``_targets``),
     then certified with float64 residuals against A; where fp32 products cannot resolve the
     wanted directions (steep spectra), float64 subspace steps refine them.

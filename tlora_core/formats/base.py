@@ -256,6 +256,16 @@ def group_keys(tensors: dict, suffixes: tuple) -> dict:
     return out
 
 
+def down_up(path: str, mod: str, g: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """A module's ``down.weight`` / ``up.weight``, checked to be both there and a rank-r pair."""
+    if not ("down.weight" in g and "up.weight" in g):
+        raise TLoRAFormatError(path, f"module {mod} lacks {'up' if 'down.weight' in g else 'down'}.weight")
+    down, up = g["down.weight"], g["up.weight"]
+    if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
+        raise TLoRAFormatError(path, f"module {mod}: rank mismatch: down {tuple(down.shape)}, up {tuple(up.shape)}")
+    return down, up
+
+
 def first_number(settings: dict, *names, kind=float):
     for n in names:
         if n in settings and settings[n] is not None and settings[n] != "":

@@ -20,8 +20,8 @@ import re
 
 from .. import adapter as ad
 from ..schedule import STEP_INDEX
-from .base import (TLoRAFile, TLoRAFormatError, _read_settings_file, finish_schedule, first_number, lookup_dotted,
-                   module_names_sample, sidecar_label)
+from .base import (TLoRAFile, TLoRAFormatError, _read_settings_file, down_up, finish_schedule, first_number,
+                   lookup_dotted, module_names_sample, sidecar_label)
 from .official import KEY as OFFICIAL_KEY
 
 TERMS = ("down.weight", "up.weight", "q_layer.weight", "p_layer.weight", "lambda_layer", "base_q", "base_p",
@@ -89,11 +89,7 @@ def read(path: str, tensors: dict, metadata: dict, assume_tlora: bool = False) -
     base_linear = [m for m, g in groups.items() if "base.weight" in g]
     for mod, g in sorted(groups.items()):
         if "down.weight" in g or "up.weight" in g:
-            if not ("down.weight" in g and "up.weight" in g):
-                raise TLoRAFormatError(path, f"module {mod} lacks {'up' if 'down.weight' in g else 'down'}.weight")
-            down, up = g["down.weight"], g["up.weight"]
-            if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
-                raise TLoRAFormatError(path, f"module {mod}: rank mismatch: down {tuple(down.shape)}, up {tuple(up.shape)}")
+            down, up = down_up(path, mod, g)
             r = down.shape[0]
             kind = "vanilla"
         elif "q_layer.weight" in g:

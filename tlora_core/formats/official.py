@@ -20,8 +20,8 @@ import re
 
 from .. import adapter as ad
 from ..schedule import TIMESTEP
-from .base import (LORA_LOADER_HINT, TLoRAFile, TLoRAFormatError, find_sidecars, finish_schedule, first_number,
-                   lookup_dotted, module_names_sample, sidecar_label)
+from .base import (LORA_LOADER_HINT, TLoRAFile, TLoRAFormatError, down_up, find_sidecars, finish_schedule,
+                   first_number, lookup_dotted, module_names_sample, sidecar_label)
 
 KEY = re.compile(
     r"^(?:unet\.|transformer\.)?(?P<mod>(?P<attn>.+?)\.processor\.(?P<proj>to_q|to_k|to_v|to_out|to_q_proj|to_k_proj"
@@ -78,11 +78,7 @@ def read(path: str, tensors: dict, metadata: dict, assume_tlora: bool = False) -
             dead.append(mod)  # the official processor never calls these in single blocks
             continue
         if "down.weight" in g or "up.weight" in g:
-            if not ("down.weight" in g and "up.weight" in g):
-                raise TLoRAFormatError(path, f"module {mod} lacks {'up' if 'down.weight' in g else 'down'}.weight")
-            down, up = g["down.weight"], g["up.weight"]
-            if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
-                raise TLoRAFormatError(path, f"module {mod}: rank mismatch: down {tuple(down.shape)}, up {tuple(up.shape)}")
+            down, up = down_up(path, mod, g)
             modules[mod] = ad.plain(mod, up, down, 1.0)
             vanilla_seen = True
         else:
