@@ -23,7 +23,7 @@ def lora_path(lora_name: str) -> str:
     return folder_paths.get_full_path_or_raise("loras", lora_name)
 
 
-def check_lora_name(lora_name) -> "bool | str":
+def check_lora_name(lora_name) -> bool | str:
     """``validate_inputs`` of the nodes taking a ``lora_name``: checked when the prompt is queued
     (ComfyUI does not check V3 combo values itself)."""
     if lora_name is None or lora_name in folder_paths.get_filename_list("loras"):
