@@ -201,3 +201,31 @@ def test_steep_spectrum_with_a_close_tail_stays_exact():
     for k in range(1, r + 1):
         assert rel(prefix_products(t.p, t.lam, t.q, k), (u[:, :k] * sv[:k]) @ vh[:k]) <= 3e-6, (k, t.method)
     assert t.est_error <= 3e-6
+
+
+def test_scipy_blas_runs_on_one_thread_inside_the_ritz_checks(monkeypatch):
+    """SciPy's OpenBLAS workers spin after each call and take a core from torch's products; the
+    checks' ``eigh`` runs with that BLAS limited to one thread, and the limit is lifted after."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    import scipy.linalg
+
+    def blas_threads():
+        return {i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"}
+
+    seen, orig = [], scipy.linalg.eigh
+
+    def spy(*a, **k):
+        seen.append(blas_threads())
+        return orig(*a, **k)
+
+    monkeypatch.setattr(scipy.linalg, "eigh", spy)
+    before = blas_threads()
+    with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):
+        h = torch.randn(40, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        theta, _ = svd._top_eigh(h + h.t(), 3)
+        inside_after = blas_threads()
+    assert seen == [{1}]
+    assert inside_after == {2}
+    assert blas_threads() == before
+    assert torch.allclose(theta, torch.linalg.eigvalsh(h + h.t()).flip(0)[:3])
+
