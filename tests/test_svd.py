@@ -166,7 +166,7 @@ def test_weight_is_converted_once_or_in_chunks(monkeypatch):
     products), and its float64 conversions (the certification) go a row-chunk at a time."""
     w = decaying(2048, 128).to(torch.bfloat16)
     monkeypatch.setattr(svd, "_CHUNK_ELEMS", 128 * 256)
-    copies = []  # (dtype, elements) of every converted copy
+    copies = []  # (dtype, elements) of every converted copy, made by conversion or into a buffer
     for name in ("to", "float", "double"):
         orig = getattr(torch.Tensor, name)
 
@@ -177,6 +177,14 @@ def test_weight_is_converted_once_or_in_chunks(monkeypatch):
             return out
 
         monkeypatch.setattr(torch.Tensor, name, spy)
+    orig_copy = torch.Tensor.copy_
+
+    def copy_spy(self, src, *a, **k):
+        if isinstance(src, torch.Tensor) and src.dtype != self.dtype:
+            copies.append((self.dtype, src.numel()))
+        return orig_copy(self, src, *a, **k)
+
+    monkeypatch.setattr(torch.Tensor, "copy_", copy_spy)
     t = svd.base_terms(w, 8, method="lanczos")
     monkeypatch.undo()
     whole = [(d, n) for d, n in copies if n >= w.numel()]
@@ -229,3 +237,17 @@ def test_scipy_blas_runs_on_one_thread_inside_the_ritz_checks(monkeypatch):
     assert blas_threads() == before
     assert torch.allclose(theta, torch.linalg.eigvalsh(h + h.t()).flip(0)[:3])
 
+
+def test_next_check_is_placed_where_the_accelerating_bound_meets_the_targets():
+    """After three failed checks the next one goes where a parabola through them (log10 of bound /
+    target against Krylov size) reaches a 2x margin: whole blocks, at least one, at most 1/3 more."""
+    np = pytest.importorskip("numpy")
+    b, misses = 16, [(352, 4.28), (464, 3.78), (608, 2.22)]  # a random 3072-wide layer (measured)
+    grow = (608 // svd.CHECK_GROWTH) // b * b
+    assert svd._next_check_in(misses[:2], 608, b) == grow  # too few points: geometric growth
+    step = svd._next_check_in(misses, 608, b)
+    assert step % b == 0 and b <= step < grow
+    fit = np.poly1d(np.polyfit([x for x, _ in misses], [y for _, y in misses], 2))
+    assert fit(608 + step) <= math.log10(0.5) < fit(608 + step - b)
+    assert svd._next_check_in([(352, 2.0), (464, 2.5), (608, 3.0)], 608, b) == grow  # not converging
+    assert svd._next_check_in([(352, math.inf), (464, math.inf), (608, math.inf)], 608, b) == grow

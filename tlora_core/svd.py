@@ -42,7 +42,7 @@ DENSE_OWN_ERROR = 3e-7  # measured vs float64 SVDs (products of the fp32 output)
 LANCZOS_TARGET = 1e-6
 LANCZOS_MAX_ERROR = 1e-5
 CERTIFY_PAD = 16  # Ritz vectors beyond the wanted ones in the final float64 Rayleigh-Ritz block
-CHECK_GROWTH = 3  # Ritz pairs are checked each time the Krylov space has grown by 1/CHECK_GROWTH
+CHECK_GROWTH = 3  # Ritz pairs are checked at most when the Krylov space has grown by 1/CHECK_GROWTH
 DENSE_MAX = 768  # smaller side at or below this: dense float64 (fast enough, exact)
 _CHUNK_ELEMS = 1 << 21  # elements per chunk when streaming W (keeps converted copies small)
 
@@ -203,11 +203,21 @@ def _oriented(weight: torch.Tensor, device):
     return A, weight.shape[0] < weight.shape[1]
 
 
-def _chunks(M: int, N: int, same_dtype: bool = False):
-    """Row slices of an (M, N) matrix; one slice when no conversion (hence no copy) is needed."""
-    step = M if same_dtype else max(1, _CHUNK_ELEMS // max(N, 1))
+def _row_chunks(A: torch.Tensor, dtype):
+    """``(rows, A[rows] in dtype)`` for consecutive row slices of A: A itself when no conversion is
+    needed, else chunks converted into one reused buffer (no full-size copy, no fresh pages per
+    chunk: a new multi-MB CPU allocation costs more in page faults than its conversion)."""
+    M, N = A.shape
+    if A.dtype == dtype:
+        yield slice(0, M), A
+        return
+    step = max(1, _CHUNK_ELEMS // max(N, 1))
+    buf = torch.empty(min(step, M), N, dtype=dtype, device=A.device)
     for i in range(0, M, step):
-        yield slice(i, min(M, i + step))
+        rows = slice(i, min(M, i + step))
+        chunk = buf[: rows.stop - rows.start]
+        chunk.copy_(A[rows])
+        yield rows, chunk
 
 
 def _gram(A: torch.Tensor, dtype) -> torch.Tensor:
@@ -219,8 +229,7 @@ def _gram(A: torch.Tensor, dtype) -> torch.Tensor:
     G = torch.zeros(N, N, dtype=dtype, device=A.device)
     nb = max(1, min(8, N // 256))
     edges = [round(i * N / nb) for i in range(nb + 1)]
-    for sl in _chunks(M, N, A.dtype == dtype):
-        Ac = A[sl].to(dtype)
+    for _, Ac in _row_chunks(A, dtype):
         for j in range(nb):
             j0, j1 = edges[j], edges[j + 1]
             G[:j1, j0:j1].addmm_(Ac[:, :j1].t(), Ac[:, j0:j1])
@@ -232,23 +241,22 @@ def _gram(A: torch.Tensor, dtype) -> torch.Tensor:
 
 def _times(A: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
     """A @ X with A's rows converted chunk by chunk to X's dtype."""
-    M, N = A.shape
-    out = torch.empty(M, X.shape[1], dtype=X.dtype, device=X.device)
-    for sl in _chunks(M, N, A.dtype == X.dtype):
-        out[sl] = A[sl].to(X.dtype) @ X
+    out = torch.empty(A.shape[0], X.shape[1], dtype=X.dtype, device=X.device)
+    for rows, Ac in _row_chunks(A, X.dtype):
+        torch.mm(Ac, X, out=out[rows])
     return out
 
 
-def _times_both(A: torch.Tensor, X: torch.Tensor):
-    """``(A @ X, A^T A @ X)`` in X's dtype from one streamed pass over A's rows."""
+def _times_both_rows(A: torch.Tensor, Q: torch.Tensor):
+    """``(Q A^T, Q A^T A)`` for the rows ``Q`` (m, N), in Q's dtype, from one streamed pass over A's
+    rows. (Products in this orientation run ~1.5x faster than ``A @ Q^T`` at these shapes.)"""
     M, N = A.shape
-    AX = torch.empty(M, X.shape[1], dtype=X.dtype, device=X.device)
-    GX = torch.zeros(N, X.shape[1], dtype=X.dtype, device=X.device)
-    for sl in _chunks(M, N, A.dtype == X.dtype):
-        Ac = A[sl].to(X.dtype)
-        AX[sl] = Ac @ X
-        GX.addmm_(Ac.t(), AX[sl])
-    return AX, GX
+    QAt = torch.empty(Q.shape[0], M, dtype=Q.dtype, device=Q.device)
+    QG = torch.zeros(Q.shape[0], N, dtype=Q.dtype, device=Q.device)
+    for rows, Ac in _row_chunks(A, Q.dtype):
+        QAt[:, rows] = Q @ Ac.t()
+        QG.addmm_(QAt[:, rows], Ac)
+    return QAt, QG
 
 
 def _finish(A, transposed, V, s):
@@ -282,22 +290,20 @@ def _dense_full(weight, device):
 
 
 # --- block Lanczos ----------------------------------------------------------------------------
-def _orthonormalize(X: torch.Tensor) -> torch.Tensor:
-    """Cholesky-QR twice in float64 (BLAS-3, cheap for a tall block); Householder if it breaks."""
-    return _cholqr2(X)[0]
-
-
-def _cholqr2(X: torch.Tensor):
-    """``X = Q R`` with orthonormal ``Q`` (X's dtype) and upper-triangular ``R`` (float64)."""
+def _orthonormal_rows(X: torch.Tensor):
+    """Cholesky-QR twice in float64 on the rows of the short, wide ``X`` (b, N): ``X = R^T Q`` with
+    orthonormal rows ``Q`` (X's dtype) and upper-triangular ``R`` (float64). BLAS-3 and cheap;
+    Householder QR where Cholesky breaks down."""
     with _one_thread():
         Xd, R = X.double(), None
         for _ in range(2):
-            L, info = torch.linalg.cholesky_ex(Xd.t() @ Xd)
+            L, info = torch.linalg.cholesky_ex(Xd @ Xd.t())
             if int(info) != 0:
-                Xd, Ri = torch.linalg.qr(Xd)
+                Qc, Ri = torch.linalg.qr(Xd.t())
+                Xd = Qc.t()
             else:
                 Ri = L.t()
-                Xd = torch.linalg.solve_triangular(L, Xd.t(), upper=False).t()
+                Xd = torch.linalg.solve_triangular(L, Xd, upper=False)
             R = Ri if R is None else Ri @ R
         return Xd.to(X.dtype), R
 
@@ -343,9 +349,10 @@ def _lanczos_top(weight, k, device, seed, block: Optional[int] = None, use_gram:
 
     Every product is one pass over A with a thin block; the Krylov space (not just a block) is
     searched for the wanted directions, which is what makes clustered (random) spectra affordable.
-    Ritz pairs are checked on a geometric schedule against per-boundary targets (``_targets``),
-    then certified with float64 residuals against A; where fp32 products cannot resolve the
-    wanted directions (steep spectra), float64 subspace steps refine them.
+    Ritz pairs are checked against per-boundary targets (``_targets``) on a geometric schedule,
+    then where the trend of the misses says they will be met (``_next_check_in``); the result is
+    certified with float64 residuals against A, and where fp32 products cannot resolve the
+    wanted directions (steep spectra), float64 subspace steps refine it.
     """
     A, transposed = _oriented(weight, device)
     if A.dtype != torch.float32:  # one fp32 copy (lycoris' weight.float()): products in fp32
@@ -363,79 +370,116 @@ def _lanczos_top(weight, k, device, seed, block: Optional[int] = None, use_gram:
     # than a product with a transposed operand at these thin shapes
     At = A.t().contiguous() if G is None and A.data_ptr() == weight.data_ptr() else A.t()
     gen = torch.Generator().manual_seed(seed)
-    V = torch.empty(N, L_max, dtype=torch.float32, device=A.device)
-    H = torch.zeros(0, 0, dtype=torch.float64)  # the block-tridiagonal projection V^T A^T A V
-    V[:, :b] = _orthonormalize(torch.randn(N, b, generator=gen).to(A.device))
+    # the orthonormal Krylov basis, one vector per row: every block, and every prefix of blocks the
+    # reorthogonalisation reads, is one contiguous piece of memory
+    V = torch.empty(L_max, N, dtype=torch.float32, device=A.device)
+    H = torch.zeros(0, 0, dtype=torch.float64)  # the block-tridiagonal projection V A^T A V^T
+    V[:b] = _orthonormal_rows(torch.randn(b, N, generator=gen).to(A.device))[0]
     j, check_at = 0, max(4 * k, 8 * b)
     theta = Z = None
+    misses = []  # (j, log10 of the worst bound / target) at every failed check
     while True:
-        Vj = V[:, j: j + b]
-        Y = G @ Vj if G is not None else At @ (A @ Vj)  # A^T A Vj
-        # the block three-term recurrence (against V_j and V_j-1), then one classical Gram-Schmidt
+        X = V[j: j + b]
+        Y = (G @ X.t() if G is not None else At @ (A @ X.t())).t().contiguous()  # X A^T A
+        # the block three-term recurrence (against blocks j and j-1), then one classical Gram-Schmidt
         # pass against the whole basis for what rounding left (full reorthogonalisation)
         lo = max(0, j - b)
-        local = V[:, lo: j + b]
-        C = local.t() @ Y
-        Y -= local @ C
-        basis = V[:, : j + b]
-        C2 = basis.t() @ Y
-        Y -= basis @ C2
-        D = (C[j - lo:] + C2[j:]).double().cpu()
+        local = V[lo: j + b]
+        C = Y @ local.t()
+        Y -= C @ local
+        basis = V[: j + b]
+        C2 = Y @ basis.t()
+        Y -= C2 @ basis
+        D = (C[:, j - lo:] + C2[:, j:]).double().cpu()
         if H.shape[0] < j + 2 * b:  # grow geometrically (a full L_max^2 float64 would be ~N^2)
             H = torch.nn.functional.pad(H, (0, j + 2 * b, 0, j + 2 * b))
         H[j: j + b, j: j + b] = (D + D.t()) / 2
-        Qn, R = _cholqr2(Y)
+        Qn, R = _orthonormal_rows(Y)
         j += b
         last = j + b > L_max
         if not last:
             H[j: j + b, j - b: j] = R.cpu()
             H[j - b: j, j: j + b] = R.t().cpu()
-            V[:, j: j + b] = Qn
+            V[j: j + b] = Qn
         if j >= check_at or last:
             theta, Z = _top_eigh(H[:j, :j], k + CERTIFY_PAD)
             sv = theta.clamp_min(0).sqrt()
             # Gram residual / s_i = singular residual |A^T u_i - s_i v_i| (u_i = A v_i / s_i)
             res = (R.cpu() @ Z[j - b: j, :k]).norm(dim=0) / sv[:k].clamp_min(1e-300)
             est = _error_bound(res, sv[:k], float(sv[min(k + CERTIFY_PAD, sv.numel()) - 1]))[: k - 1]
-            if last or bool((est <= _targets(sv[:k], k)).all()):
+            worst = float((est / _targets(sv[:k], k)).max())
+            if last or worst <= 1.0:
                 break
-            check_at = j + max(b, (j // CHECK_GROWTH) // b * b)
-    Vr = V[:, :j].double() @ Z.to(V.device)  # float64: the Ritz vectors keep the basis exact
+            misses.append((j, math.log10(worst)))
+            check_at = j + _next_check_in(misses, j, b)
+    # the Ritz vectors in float64 (they keep the basis exact), converting the basis a chunk at a time
+    Zt = Z.t().contiguous().to(V.device)
+    Q = torch.zeros(Zt.shape[0], N, dtype=torch.float64, device=A.device)
+    for rows, Vc in _row_chunks(V[:j], torch.float64):
+        Q.addmm_(Zt[:, rows], Vc)
     del V, H, G, At
-    return _certify(A, transposed, Vr, k)
+    return _certify(A, transposed, Q, k)
 
 
-def _certify(A, transposed, V, k, refine_max: int = 6):
-    """Rayleigh-Ritz against A in float64 on the block ``V`` (k wanted + a few more Ritz vectors),
+def _next_check_in(misses, j: int, b: int) -> int:
+    """Krylov vectors to add before the next check: where a parabola through the last three misses
+    (the bound falls ever faster as Lanczos converges) predicts the targets met with a 2x margin,
+    at least one block and at most 1/CHECK_GROWTH of the space. An eigh of the projection costs
+    as much as several blocks near the end, so checks are placed rather than repeated."""
+    grow = max(b, (j // CHECK_GROWTH) // b * b)
+    if len(misses) < 3 or not all(math.isfinite(y) for _, y in misses[-3:]):
+        return grow
+    (x0, y0), (x1, y1), (x2, y2) = misses[-3:]
+    goal = math.log10(0.5)
+    s01, s12 = (y1 - y0) / (x1 - x0), (y2 - y1) / (x2 - x1)
+    curv = (s12 - s01) / (x2 - x0)  # y'' / 2
+    slope = s12 + curv * (x2 - x1)  # y' at x2
+    if slope >= 0:
+        return grow
+    if curv < 0:  # y2 + slope d + curv d^2 = goal, smallest positive root
+        d = (-slope - math.sqrt(slope * slope - 4 * curv * (y2 - goal))) / (2 * curv)
+    else:
+        d = (goal - y2) / slope
+    return int(min(grow, max(b, math.ceil(d / b) * b))) if math.isfinite(d) else grow
+
+
+def _certify(A, transposed, Q, k, refine_max: int = 6):
+    """Rayleigh-Ritz against A in float64 on the rows ``Q`` (k wanted + a few more Ritz vectors),
     and the error of every boundary from the float64 residuals ``A^T u_i - s_i v_i``
     (``_error_bound``); float64 subspace steps while that misses the targets (fp32 products
     resolve a direction only to ~eps32 s_1^2 / (s_i^2 - s_(i+1)^2): steep spectra)."""
-    Q = V.double()
+    Q = Q.double()
     for step in range(refine_max + 1):
-        Zm, GQ = _times_both(A, Q)
-        with _one_thread():
-            Uz, Sz, Vzh = torch.linalg.svd(Zm, full_matrices=False)
-        U, s = Uz[:, :k], Sz[:k]
-        Vf = (Q @ Vzh.t())[:, :k].contiguous()
-        last = float(Sz[-1]) if Sz.numel() > k else 0.0
-        ATU = GQ @ (Vzh.t()[:, :k] / s.clamp_min(1e-300))  # A^T U = A^T A Q Vz S^-1
-        est = _error_bound((ATU - Vf * s).norm(dim=0), s, last)[: k - 1]
+        QAt, QG = _times_both_rows(A, Q)
+        with _one_thread():  # Q A^T = Vz S U^T, with Vz from the small Q A^T A Q^T = Vz S^2 Vz^T
+            S2, Vz = torch.linalg.eigh((QG @ Q.t() + Q @ QG.t()) / 2)
+        Vzk = Vz.flip(1)[:, :k]
+        SUt = Vzk.t() @ QAt
+        s = SUt.norm(dim=1)  # |A v_i|: exact even where s^2 drowns in float64 rounding
+        inv = torch.where(s > 0, 1 / s, torch.zeros_like(s))
+        U = SUt * inv[:, None]  # left singular vectors, as rows
+        V = Vzk.t() @ Q  # right singular vectors, as rows
+        last = math.sqrt(max(float(S2[0]), 0.0)) if S2.numel() > k else 0.0
+        ATU = (Vzk.t() @ QG) * inv[:, None]  # rows of (A^T U)^T = S^-1 Vz^T Q A^T A
+        est = _error_bound((ATU - V * s[:, None]).norm(dim=1), s, last)[: k - 1]
         if bool((est <= _targets(s.cpu(), k)).all()) or step == refine_max:
             break
-        Q = _cholqr2(GQ)[0]
-    if transposed:
-        return Vf, s, U.t(), est
-    return U, s, Vf.t(), est
+        Q = _orthonormal_rows(QG)[0]
+    if transposed:  # A = W^T: W = V^T S U
+        return V.t(), s, U, est
+    return U.t(), s, V, est
 
 
 def _error_bound(res: torch.Tensor, s: torch.Tensor, last: float) -> torch.Tensor:
     """Per boundary j = 1..k: a bound on the relative error of the rank-j product.
 
-    The residuals ``res[i]`` = |A^T u_i - s_i v_i| are orthogonal to the block, so they turn v_i
-    towards directions outside it (singular values <= ``last``, the block's smallest Ritz value) by
-    at most res_i / (s_i - last); that moves s_i u_i v_i^T by ~s_i times the angle.
+    With u_i = A v_i / s_i, the residual ``res[i]`` = |A^T u_i - s_i v_i| is 1/s_i times v_i's
+    eigen-residual for A^T A, and is orthogonal to the block: it turns v_i towards directions
+    outside it (singular values <= ``last``, the block's smallest Ritz value) by at most
+    s_i res_i / (s_i^2 - last^2) (Davis-Kahan; half of res_i / (s_i - last) near the top of a
+    random spectrum); that moves s_i u_i v_i^T by ~s_i times the angle.
     """
-    gaps = (s - last).clamp_min(0)
-    dev = torch.where(gaps > 0, res * s / gaps, torch.full_like(res, math.inf))
+    gaps = (s * s - last * last).clamp_min(0)
+    dev = torch.where(gaps > 0, res * s * s / gaps, torch.full_like(res, math.inf))
     norms = torch.sqrt(torch.cumsum(s * s, 0)).clamp_min(1e-300)
     return (torch.sqrt(torch.cumsum(dev * dev, 0)) / norms).cpu()
