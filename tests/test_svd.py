@@ -251,3 +251,20 @@ def test_next_check_is_placed_where_the_accelerating_bound_meets_the_targets():
     assert fit(608 + step) <= math.log10(0.5) < fit(608 + step - b)
     assert svd._next_check_in([(352, 2.0), (464, 2.5), (608, 3.0)], 608, b) == grow  # not converging
     assert svd._next_check_in([(352, math.inf), (464, math.inf), (608, math.inf)], 608, b) == grow
+
+
+@pytest.mark.parametrize("case", ["random square", "random tall", "random wide", "decaying"])
+def test_error_estimate_bounds_the_true_error_at_every_boundary(case):
+    """Lanczos' certified estimate of each boundary's product error decides when it stops and which
+    boundaries are flagged: it must not be below the true error (against a float64 SVD)."""
+    g = torch.Generator().manual_seed(3)
+    w = {"random square": lambda: (torch.rand(768, 768, generator=g) * 2 - 1) / 28,
+         "random tall": lambda: (torch.rand(1536, 384, generator=g) * 2 - 1) / 20,
+         "random wide": lambda: (torch.rand(384, 1536, generator=g) * 2 - 1) / 20,
+         "decaying": lambda: decaying(768, 768)}[case]()
+    k = 33
+    p, s, q, est = svd._lanczos_top(w, k, None, 0)
+    u, sv, vh = torch.linalg.svd(w.double(), full_matrices=False)
+    for j in range(1, k):
+        err = rel(prefix_products(p, s, q, j), (u[:, :j] * sv[:j]) @ vh[:j])
+        assert err <= float(est[j - 1]), (j, err, float(est[j - 1]))

@@ -448,7 +448,7 @@ def _certify(A, transposed, Q, k, refine_max: int = 6):
     and the error of every boundary from the float64 residuals ``A^T u_i - s_i v_i``
     (``_error_bound``); float64 subspace steps while that misses the targets (fp32 products
     resolve a direction only to ~eps32 s_1^2 / (s_i^2 - s_(i+1)^2): steep spectra)."""
-    Q = Q.double()
+    Q = _orthonormal_rows(Q.double())[0]  # the fp32 basis is orthonormal only to ~1e-7: exact first
     for step in range(refine_max + 1):
         QAt, QG = _times_both_rows(A, Q)
         with _one_thread():  # Q A^T = Vz S U^T, with Vz from the small Q A^T A Q^T = Vz S^2 Vz^T
@@ -477,9 +477,11 @@ def _error_bound(res: torch.Tensor, s: torch.Tensor, last: float) -> torch.Tenso
     eigen-residual for A^T A, and is orthogonal to the block: it turns v_i towards directions
     outside it (singular values <= ``last``, the block's smallest Ritz value) by at most
     s_i res_i / (s_i^2 - last^2) (Davis-Kahan; half of res_i / (s_i - last) near the top of a
-    random spectrum); that moves s_i u_i v_i^T by ~s_i times the angle.
+    random spectrum). Turning v_i by an angle towards a direction of singular value <= last
+    moves A v_i v_i^T by at most sqrt(s_i^2 + last^2) times the angle. Measured against float64
+    SVDs (random, tall, wide and decaying spectra): the true error stays at 0.2-1.0x the bound.
     """
     gaps = (s * s - last * last).clamp_min(0)
-    dev = torch.where(gaps > 0, res * s * s / gaps, torch.full_like(res, math.inf))
+    dev = torch.where(gaps > 0, res * s * torch.sqrt(s * s + last * last) / gaps, torch.full_like(res, math.inf))
     norms = torch.sqrt(torch.cumsum(s * s, 0)).clamp_min(1e-300)
     return (torch.sqrt(torch.cumsum(dev * dev, 0)) / norms).cpu()
