@@ -11,7 +11,7 @@ triplets are used. Here only those are computed:
 - ``lanczos``: block Lanczos (full reorthogonalisation) on W^T W in fp32 (products with W itself,
   or with its Gram matrix for a tall W), which searches the whole Krylov space rather than one
   block. The extra memory is about one fp32 weight. A random (Marchenko-Pastur) layer, the hardest
-  case, needs ~750 Krylov vectors for r = 64 at width 3072, a trained-like one far fewer. It
+  case, needs ~770 Krylov vectors for r = 64 at width 3072, a trained-like one far fewer. It
   stops when every boundary is as exact as the trainer's own fp32 SVD can be there (or 1e-6),
   then a float64 Rayleigh-Ritz step against W itself certifies that with true residuals.
 
