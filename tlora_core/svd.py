@@ -24,6 +24,7 @@ only up to the trainer's fp32 rounding: ``BaseTerms.ill_conditioned`` lists thos
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Optional
@@ -338,10 +339,19 @@ def _scipy_blas_one_thread():
     call, taking a core from torch's: on a 2-core CPU that made every product of the Lanczos loop
     ~1.5x slower (measured: 0.74 s instead of 1.1 s for a 3072-wide layer with one thread)."""
     try:
-        from threadpoolctl import threadpool_limits
+        controller = _blas_controller()
     except ImportError:
         return contextlib.nullcontext()
-    return threadpool_limits(limits=1, user_api="blas")
+    return controller.limit(limits=1, user_api="blas")
+
+
+@functools.lru_cache(maxsize=None)
+def _blas_controller():
+    """One threadpoolctl controller, made after SciPy is loaded: a fresh ``threadpool_limits``
+    scans every loaded library each time (5 ms per check in a ComfyUI process, 0.03 ms cached)."""
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
 
 
 def _lanczos_top(weight, k, device, seed, block: Optional[int] = None, use_gram: Optional[bool] = None):
