@@ -268,3 +268,24 @@ def test_error_estimate_bounds_the_true_error_at_every_boundary(case):
     for j in range(1, k):
         err = rel(prefix_products(p, s, q, j), (u[:, :j] * sv[:j]) @ vh[:j])
         assert err <= float(est[j - 1]), (j, err, float(est[j - 1]))
+
+
+def test_float32_checks_only_measure_the_distance_float64_decides(monkeypatch):
+    """A check after a miss by >1000x runs its eigh in float32 (2x faster): it only has to say how
+    far the Ritz pairs still are. Stopping is always decided in float64: the first and the final
+    check are float64, and a float32 check that looks converged is redone in float64 at once."""
+    calls, orig = [], svd._top_eigh
+
+    def spy(h, n, rough=False):
+        calls.append((h.shape[0], rough))
+        return orig(h, n, rough)
+
+    monkeypatch.setattr(svd, "_top_eigh", spy)
+    g = torch.Generator().manual_seed(3)
+    torch.rand(1024, 1024, generator=g)
+    w = (torch.rand(1536, 1536, generator=g) * 2 - 1) / 1536 ** 0.5
+    p, s, q, est = svd._lanczos_top(w, 65, None, 0)
+    assert calls[0][1] is False and calls[-1][1] is False
+    assert any(rough for _, rough in calls)
+    assert calls[-2:] == [(calls[-1][0], True), (calls[-1][0], False)]  # a rough pass, confirmed
+    assert bool((est <= svd._targets(s.cpu(), 65)).all())
