@@ -22,6 +22,11 @@ from typing import Optional
 
 import torch
 
+try:  # ~10x faster than sha1 for the weight bytes (a cache key, not a security boundary)
+    import xxhash
+except ImportError:  # installed without requirements.txt: sha1, slower but the same behaviour
+    xxhash = None
+
 import comfy.lora
 import comfy.utils
 
@@ -31,7 +36,7 @@ from ..tlora_core.formats import SvdBaseTerms, TLoRAFile, TLoRAFormatError, writ
 
 log = logging.getLogger("comfyui_tlora")
 
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"
 FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
                    if hasattr(torch, n))
 
@@ -114,8 +119,13 @@ def _dequantized(model_patcher, key: str) -> tuple[torch.Tensor, Optional[str]]:
 
 
 def _fingerprint(w: torch.Tensor) -> str:
-    """sha1 of the exact bytes the SVD sees (plus shape and dtype): the cache key."""
-    h = hashlib.sha1(f"{CACHE_VERSION}|{tuple(w.shape)}|{w.dtype}".encode())
+    """A 128-bit hash (xxh3) of the exact bytes the SVD sees, plus shape and dtype: the cache key.
+
+    ComfyUI loads weights in inference mode (no version counter to memoise on), so every load
+    hashes every adapted weight: xxh3 reads ~20 GB/s where sha1 reads ~2 (0.03 s instead of
+    0.3 s for a 10-layer Flux T-LoRA)."""
+    h = xxhash.xxh3_128() if xxhash is not None else hashlib.sha1()
+    h.update(f"{CACHE_VERSION}|{tuple(w.shape)}|{w.dtype}".encode())
     c = w.detach().contiguous()
     if c.device.type != "cpu":
         c = c.cpu()

@@ -148,6 +148,25 @@ def test_cache_reload_needs_no_svd_and_follows_the_weights(mods, tiny_flux, tmp_
     assert len(calls) == 3
 
 
+@pytest.mark.parametrize("hasher", ["xxh3", "sha1 without xxhash"])
+def test_cache_key_is_the_exact_weight(mods, monkeypatch, hasher):
+    """The cache key follows the bytes, shape and dtype the SVD sees, with xxhash (a requirement)
+    and with the sha1 fallback of an install that skipped requirements.txt."""
+    keymap = mods["keymap"]
+    if hasher != "xxh3":
+        monkeypatch.setattr(keymap, "xxhash", None)
+    w = torch.randn(64, 48, generator=torch.Generator().manual_seed(0))
+    key = keymap._fingerprint(w)
+    assert len(key) >= 32 and keymap._fingerprint(w.clone()) == key
+    nudged = w.clone()
+    nudged[17, 5] = torch.nextafter(nudged[17, 5], torch.tensor(float("inf")))  # one ulp in one element
+    assert keymap._fingerprint(nudged) != key
+    assert keymap._fingerprint(w.reshape(48, 64)) != key  # same bytes, another shape
+    assert keymap._fingerprint(w.t()) == keymap._fingerprint(w.t().contiguous()) != key
+    with_xxhash = hasher == "xxh3"
+    assert (len(key) == 32) == with_xxhash and (len(key) == 40) == (not with_xxhash)
+
+
 def test_zero_matches_is_a_clear_error(mods, tiny_flux, tmp_path):
     from devkit.tiny_models import tiny_sdxl
 
