@@ -253,17 +253,19 @@ def test_next_check_is_placed_where_the_accelerating_bound_meets_the_targets():
     assert svd._next_check_in([(352, math.inf), (464, math.inf), (608, math.inf)], 608, b) == grow
 
 
-@pytest.mark.parametrize("case", ["random square", "random tall", "random wide", "decaying"])
+@pytest.mark.parametrize("case", ["random square", "random tall", "random tall, shift-invert", "random wide",
+                                  "decaying"])
 def test_error_estimate_bounds_the_true_error_at_every_boundary(case):
     """Lanczos' certified estimate of each boundary's product error decides when it stops and which
     boundaries are flagged: it must not be below the true error (against a float64 SVD)."""
     g = torch.Generator().manual_seed(3)
     w = {"random square": lambda: (torch.rand(768, 768, generator=g) * 2 - 1) / 28,
          "random tall": lambda: (torch.rand(1536, 384, generator=g) * 2 - 1) / 20,
+         "random tall, shift-invert": lambda: (torch.rand(1536, 384, generator=g) * 2 - 1) / 20,
          "random wide": lambda: (torch.rand(384, 1536, generator=g) * 2 - 1) / 20,
          "decaying": lambda: decaying(768, 768)}[case]()
     k = 33
-    p, s, q, est = svd._lanczos_top(w, k, None, 0)
+    p, s, q, est = svd._lanczos_top(w, k, None, 0, shift_invert=True if "shift" in case else None)
     u, sv, vh = torch.linalg.svd(w.double(), full_matrices=False)
     for j in range(1, k):
         err = rel(prefix_products(p, s, q, j), (u[:, :j] * sv[:j]) @ vh[:j])
@@ -289,3 +291,92 @@ def test_float32_checks_only_measure_the_distance_float64_decides(monkeypatch):
     assert any(rough for _, rough in calls)
     assert calls[-2:] == [(calls[-1][0], True), (calls[-1][0], False)]  # a rough pass, confirmed
     assert bool((est <= svd._targets(s.cpu(), 65)).all())
+
+
+def _shift_invert_spy(monkeypatch):
+    made, orig = [], svd._ShiftInvert.above.__func__
+
+    def spy(cls, *a, **kw):
+        out = orig(cls, *a, **kw)
+        made.append(out)
+        return out
+
+    monkeypatch.setattr(svd._ShiftInvert, "above", classmethod(spy))
+    return made
+
+
+def test_a_flat_topped_gram_restarts_on_its_shifted_inverse(monkeypatch):
+    """A tall random layer (flat top: s_k ~ s_1) is far from converged at the first check: Lanczos
+    restarts on (sigma I - G)^-1. Its residuals, turned into G's, must stop it where the float64
+    certification agrees (no refinement pass), and the result must be exact against a float64 SVD.
+    A decaying spectrum keeps plain products with G."""
+    made = _shift_invert_spy(monkeypatch)
+    passes, orig_times = [], svd._times_both_rows
+    monkeypatch.setattr(svd, "_times_both_rows", lambda A, Q: passes.append(1) or orig_times(A, Q))
+    sizes, orig_eigh = [], svd._top_eigh
+    monkeypatch.setattr(svd, "_top_eigh", lambda h, n, rough=False: sizes.append(h.shape[0]) or orig_eigh(h, n, rough))
+    g = torch.Generator().manual_seed(5)
+    w = (torch.rand(4096, 1024, generator=g) * 2 - 1) / 64
+    k = 33
+    svd._lanczos_top(w, k, None, 0, shift_invert=False)
+    plain_size = sizes[-1]
+    p, s, q, est = svd._lanczos_top(w, k, None, 0)
+    assert len(made) == 1 and made[0] is not None and len(passes) == 2
+    assert sizes[-1] <= 0.6 * plain_size  # the point of it: far fewer Krylov vectors (measured 256 / 528)
+    u, sv, vh = torch.linalg.svd(w.double(), full_matrices=False)
+    assert made[0].sigma > float(sv[0]) ** 2  # above G's top (Cholesky proved it)
+    assert bool((est <= svd._targets(s.cpu(), k)).all())
+    for j in range(1, k):
+        assert rel(prefix_products(p, s, q, j), (u[:, :j] * sv[:j]) @ vh[:j]) <= float(est[j - 1]), j
+
+    made.clear()
+    svd._lanczos_top(decaying(4096, 1024, decay=0.99), k, None, 0)
+    assert made == []
+
+
+def test_a_failed_factorisation_restarts_plain_once(monkeypatch):
+    """Where no sigma above the top is found (here: the top estimate handed over is a quarter of
+    the truth, so every Cholesky fails), Lanczos restarts with plain products, once, and is exact."""
+    calls, orig = [], svd._ShiftInvert.above.__func__
+
+    def low_top(cls, G, top, res, **kw):
+        out = orig(cls, G, top / 4, 0.0, **kw)
+        calls.append(out)
+        return out
+
+    monkeypatch.setattr(svd._ShiftInvert, "above", classmethod(low_top))
+    g = torch.Generator().manual_seed(5)
+    w = (torch.rand(4096, 1024, generator=g) * 2 - 1) / 64
+    k = 33
+    p, s, q, est = svd._lanczos_top(w, k, None, 0)
+    assert calls == [None]
+    assert bool((est <= svd._targets(s.cpu(), k)).all())
+    u, sv, vh = torch.linalg.svd(w.double(), full_matrices=False)
+    for j in range(1, k):
+        assert rel(prefix_products(p, s, q, j), (u[:, :j] * sv[:j]) @ vh[:j]) <= float(est[j - 1]), j
+
+
+def test_shift_invert_operator_against_dense_float64():
+    """``_ShiftInvert``: sigma above G's top eigenvalue, ``solve`` inverts sigma I - G, ``eigen``
+    gives G's Ritz values and residual norms; all against float64 dense algebra."""
+    g = torch.Generator().manual_seed(2)
+    A = torch.randn(600, 200, generator=g) / 600 ** 0.5
+    G = A.t() @ A
+    Gd = G.double()
+    lam = torch.linalg.eigvalsh(Gd)
+    op = svd._ShiftInvert.above(G, 0.999 * float(lam[-1]), 0.0)
+    assert op is not None and op.sigma > float(lam[-1])
+    shifted = op.sigma * torch.eye(200, dtype=torch.float64) - Gd
+    X = torch.linalg.qr(torch.randn(200, 16, generator=g, dtype=torch.float64))[0].t().float()
+    Y = op.solve(X)
+    assert torch.allclose(Y.double() @ shifted, X.double(), atol=1e-4)
+    assert rel(Y.double(), X.double() @ torch.linalg.inv(shifted)) < 1e-4
+
+    mu = torch.tensor([5.0, 2.0, 1.0], dtype=torch.float64) / (op.sigma - float(lam[-1]))
+    C = torch.randn(16, 3, generator=g, dtype=torch.float64)
+    ritz, res = op.eigen(mu, C, X)
+    assert torch.allclose(ritz, op.sigma - 1 / mu)
+    dense = (C.t() @ X.double() @ shifted).norm(dim=1) / mu
+    assert torch.allclose(res, dense, rtol=1e-5)
+
+    assert svd._ShiftInvert.above(G, 0.2 * float(lam[-1]), 0.0) is None  # cannot get above the top
