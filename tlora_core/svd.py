@@ -450,6 +450,7 @@ def _lanczos_top(weight, k, device, seed, block: Optional[int] = None, use_gram:
                 # restart on the shifted inverse: the basis's memory goes to the factor, which
                 # then replaces G (a factorisation that fails restarts plain, once)
                 tried_shift, V = True, None
+                X = local = basis = None  # views of V: V's memory is free only without them
                 shift = _ShiftInvert.above(G, float(theta[0]), float(gram_res[0]))
                 if shift is not None:
                     G = None
@@ -490,11 +491,12 @@ class _ShiftInvert:
         if not (math.isfinite(top) and top > 0):
             return None
         margin = max(2 * top_residual, 0.01 * top)
-        L, info = torch.empty_like(G), torch.empty((), dtype=torch.int32, device=G.device)
+        buf, info = torch.empty_like(G), torch.empty((), dtype=torch.int32, device=G.device)
+        L = buf.mT  # column-major (LAPACK's layout: factored in place with one temporary copy, not two)
         for _ in range(tries):
             sigma = top + margin
-            torch.neg(G, out=L).diagonal().add_(sigma)
-            torch.linalg.cholesky_ex(L, out=(L, info))  # in place: one N x N buffer
+            torch.neg(G, out=buf).diagonal().add_(sigma)  # symmetric: buf and L are the same matrix
+            torch.linalg.cholesky_ex(L, out=(L, info))
             if int(info) == 0:
                 return cls(sigma, L)
             margin *= 4
