@@ -162,6 +162,7 @@ def test_cache_key_is_the_exact_weight(mods, monkeypatch, hasher):
     nudged[17, 5] = torch.nextafter(nudged[17, 5], torch.tensor(float("inf")))  # one ulp in one element
     assert keymap._fingerprint(nudged) != key
     assert keymap._fingerprint(w.reshape(48, 64)) != key  # same bytes, another shape
+    assert keymap._fingerprint(w.view(torch.int32)) != key  # same bytes, another dtype
     assert keymap._fingerprint(w.t()) == keymap._fingerprint(w.t().contiguous()) != key
     with_xxhash = hasher == "xxh3"
     assert (len(key) == 32) == with_xxhash and (len(key) == 40) == (not with_xxhash)
