@@ -380,3 +380,54 @@ def test_shift_invert_operator_against_dense_float64():
     assert torch.allclose(res, dense, rtol=1e-5)
 
     assert svd._ShiftInvert.above(G, 0.2 * float(lam[-1]), 0.0) is None  # cannot get above the top
+
+
+def _plain_ata(A, X):
+    return X.double() @ A.double().t() @ A.double()
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="a torch build without oneDNN")
+@pytest.mark.parametrize("shape", [(384, 384), (600, 384)])
+def test_reordered_onednn_products_are_full_fp32(shape):
+    """The products Lanczos takes with a square-ish A on the CPU go through oneDNN's reordered
+    weights (where a build has them, as here), and are as exact as fp32 products: the Krylov basis,
+    and so the number of Krylov vectors and the result, depend on it."""
+    g = torch.Generator().manual_seed(3)
+    A = torch.randn(*shape, generator=g) / shape[0] ** 0.5
+    X = torch.randn(16, shape[1], generator=g)
+    packed = svd._onednn_times_ata(A, 16)
+    assert packed is not None
+    assert rel(packed(X).double(), _plain_ata(A, X)) < 1e-6
+    assert rel(svd._times_ata(A, 16, copy_ok=True)(X).double(), _plain_ata(A, X)) < 1e-6
+
+
+class _ReducedPrecisionOneDNN:
+    """oneDNN's ops, but its linear rounds to bf16 (as with ``fp32_precision = "bf16"``)."""
+
+    def __init__(self, real):
+        self._reorder_linear_weight = real._reorder_linear_weight
+        self._real_linear = real._linear_pointwise
+
+    def _linear_pointwise(self, *a):
+        return self._real_linear(*a).bfloat16().float()
+
+
+class _NoLinearOneDNN:
+    """A build whose oneDNN lacks the op (it raises AttributeError like ``torch.ops`` does)."""
+
+
+@pytest.mark.parametrize("ops", [_ReducedPrecisionOneDNN, _NoLinearOneDNN])
+def test_inexact_or_missing_onednn_falls_back_to_plain_products(monkeypatch, ops):
+    """Without full fp32 products from oneDNN (reduced-precision math, or no such op), Lanczos
+    uses plain products, and the base terms stay exact against a float64 SVD."""
+    real = torch.ops.mkldnn
+    monkeypatch.setattr(torch.ops, "mkldnn", ops(real) if ops is _ReducedPrecisionOneDNN else ops())
+    g = torch.Generator().manual_seed(4)
+    A = torch.randn(600, 384, generator=g) / 600 ** 0.5
+    X = torch.randn(16, 384, generator=g)
+    assert svd._onednn_times_ata(A, 16) is None
+    assert rel(svd._times_ata(A, 16, copy_ok=True)(X).double(), _plain_ata(A, X)) < 1e-6
+    p, s, q, est = svd._lanczos_top(A, 9, None, 0)
+    u, sv, vh = torch.linalg.svd(A.double(), full_matrices=False)
+    for j in range(1, 9):
+        assert rel(prefix_products(p, s, q, j), (u[:, :j] * sv[:j]) @ vh[:j]) <= max(float(est[j - 1]), 1e-6), j
