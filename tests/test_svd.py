@@ -194,6 +194,24 @@ def test_weight_is_converted_once_or_in_chunks(monkeypatch):
     assert rel(prefix_products(t.p, t.lam, t.q, 8), (u[:, :8] * s[:8]) @ vh[:8]) < 2e-6
 
 
+@pytest.mark.parametrize("wide", [False, True])
+def test_row_chunks_convert_either_layout_exactly(monkeypatch, wide):
+    """Streamed conversion of A's rows, for A = W (tall) and A = W^T (a wide weight, read a block
+    of W's columns at a time): every row exactly once, exactly converted, in buffers of the chunk
+    size."""
+    monkeypatch.setattr(svd, "_CHUNK_ELEMS", 40 * 7)
+    w = torch.randn(96, 40, generator=torch.Generator().manual_seed(6))
+    A = w.t().contiguous().t() if wide else w  # same values; A = W^T with W row-major when wide
+    assert (A.stride(0) == 1) == wide
+    seen = torch.zeros(96, dtype=torch.int64)
+    for rows, chunk in svd._row_chunks(A, torch.float64):
+        assert chunk.dtype == torch.float64 and chunk.shape == (rows.stop - rows.start, 40)
+        assert rows.stop - rows.start <= 7
+        assert torch.equal(chunk, w[rows].double())
+        seen[rows] += 1
+    assert bool((seen == 1).all())
+
+
 def test_steep_spectrum_with_a_close_tail_stays_exact():
     """Small wanted singular values (s_33 ~ 3% of s_1) just above the rest: beyond what an fp32 Gram
     matrix resolves. The error bound must notice, and the result must still be exact (float64

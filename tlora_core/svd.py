@@ -219,12 +219,20 @@ def _row_chunks(A: torch.Tensor, dtype):
         yield slice(0, M), A
         return
     step = max(1, _CHUNK_ELEMS // max(N, 1))
-    buf = torch.empty(min(step, M), N, dtype=dtype, device=A.device)
+    # A = W^T (a wide weight) is read in W's own layout, a block of W's columns at a time, and the
+    # chunk handed on transposed: gathering A's rows would transpose element by element (~5x slower)
+    by_columns = A.stride(0) == 1 and A.stride(1) != 1
+    buf = torch.empty((N, min(step, M)) if by_columns else (min(step, M), N), dtype=dtype, device=A.device)
     for i in range(0, M, step):
         rows = slice(i, min(M, i + step))
-        chunk = buf[: rows.stop - rows.start]
-        chunk.copy_(A[rows])
-        yield rows, chunk
+        if by_columns:
+            chunk = buf[:, : rows.stop - rows.start]
+            chunk.copy_(A[rows].t())
+            yield rows, chunk.t()
+        else:
+            chunk = buf[: rows.stop - rows.start]
+            chunk.copy_(A[rows])
+            yield rows, chunk
 
 
 def _gram(A: torch.Tensor, dtype) -> torch.Tensor:
