@@ -9,6 +9,7 @@ not reproducible: those boundaries must be flagged, all others must match to 1e-
 from __future__ import annotations
 
 import math
+import platform
 
 import pytest
 import torch
@@ -404,12 +405,15 @@ def _plain_ata(A, X):
     return X.double() @ A.double().t() @ A.double()
 
 
-@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="a torch build without oneDNN")
+X86 = platform.machine().lower() in ("x86_64", "amd64")
+
+
+@pytest.mark.skipif(not (torch.backends.mkldnn.is_available() and X86), reason="oneDNN products: x86-64 builds")
 @pytest.mark.parametrize("shape", [(384, 384), (600, 384)])
 def test_reordered_onednn_products_are_full_fp32(shape):
-    """The products Lanczos takes with a square-ish A on the CPU go through oneDNN's reordered
-    weights (where a build has them, as here), and are as exact as fp32 products: the Krylov basis,
-    and so the number of Krylov vectors and the result, depend on it."""
+    """The products Lanczos takes with a square-ish A on an x86-64 CPU go through oneDNN's
+    reordered weights (where a build has them, as here), and are as exact as fp32 products: the
+    Krylov basis, and so the number of Krylov vectors and the result, depend on it."""
     g = torch.Generator().manual_seed(3)
     A = torch.randn(*shape, generator=g) / shape[0] ** 0.5
     X = torch.randn(16, shape[1], generator=g)
@@ -417,6 +421,19 @@ def test_reordered_onednn_products_are_full_fp32(shape):
     assert packed is not None
     assert rel(packed(X).double(), _plain_ata(A, X)) < 1e-6
     assert rel(svd._times_ata(A, 16, copy_ok=True)(X).double(), _plain_ata(A, X)) < 1e-6
+
+
+def test_other_cpus_keep_their_blas(monkeypatch):
+    """The oneDNN products were measured on x86-64 only: elsewhere (an ARM CPU, whose torch.mm
+    may use Accelerate or OpenBLAS) Lanczos keeps plain products, and stays exact."""
+    monkeypatch.setattr(platform, "machine", lambda: "arm64")
+    asked = []
+    monkeypatch.setattr(svd, "_onednn_times_ata", lambda *a: asked.append(a))
+    g = torch.Generator().manual_seed(4)
+    A = torch.randn(600, 384, generator=g) / 600 ** 0.5
+    X = torch.randn(16, 384, generator=g)
+    assert rel(svd._times_ata(A, 16, copy_ok=True)(X).double(), _plain_ata(A, X)) < 1e-6
+    assert asked == []
 
 
 class _ReducedPrecisionOneDNN:

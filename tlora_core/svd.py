@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import platform
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -480,11 +481,13 @@ def _lanczos_top(weight, k, device, seed, block: Optional[int] = None, use_gram:
 def _times_ata(A: torch.Tensor, b: int, copy_ok: bool):
     """``X -> X A^T A`` for blocks of ``b`` rows X: Lanczos' product without the Gram matrix.
 
-    On the CPU through oneDNN with A and A^T reordered for b-row inputs (``_onednn_times_ata``);
-    elsewhere A^T is one row-major copy (when A needed none, ``copy_ok``): ~20% faster than a
-    product with a transposed operand at these thin shapes.
+    On an x86-64 CPU through oneDNN with A and A^T reordered for b-row inputs
+    (``_onednn_times_ata``; measured there only: other CPUs keep their BLAS); elsewhere A^T is one
+    row-major copy (when A needed none, ``copy_ok``): ~20% faster than a product with a transposed
+    operand at these thin shapes.
     """
-    packed = _onednn_times_ata(A, b) if A.device.type == "cpu" else None
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    packed = _onednn_times_ata(A, b) if A.device.type == "cpu" and x86 else None
     if packed is not None:
         return packed
     At = A.t().contiguous() if copy_ok else A.t()
@@ -496,7 +499,7 @@ def _onednn_times_ata(A: torch.Tensor, b: int):
     layout for b-row inputs (two copies of A), or None where that is unavailable or inexact.
 
     MKL's thin sgemm runs far below the memory bandwidth at b = 16; the reordered products are
-    1.7-1.9x faster (3072 x 3072 fp32 on a 2-core CPU: 3.8 ms per block against 6.9 ms; the two
+    1.7-1.9x faster (3072 x 3072 fp32 on a 2-core AMD CPU: 3.8 ms per block against 6.9 ms; the two
     reorders cost ~60 ms, about 20 blocks' saving). They are checked once against plain products,
     so a build or a setting without full fp32 there (bf16 / tf32 math) is not used.
     """
@@ -513,7 +516,7 @@ def _onednn_times_ata(A: torch.Tensor, b: int):
         X = torch.randn(b, A.shape[1], generator=torch.Generator().manual_seed(0))
         want = (A.t() @ (A @ X.t())).t()
         err = float((times_ata(X) - want).norm()) / max(float(want.norm()), 1e-300)
-    except (AttributeError, RuntimeError):  # an op missing from, or refused by, this build
+    except (AttributeError, RuntimeError, TypeError):  # an op missing from, or refused by, this build
         return None
     return times_ata if err <= 1e-5 else None
 
