@@ -10,12 +10,13 @@ triplets are used. Here only those are computed:
   fastest for small layers (tests, tiny models).
 - ``lanczos``: block Lanczos (full reorthogonalisation) on W^T W in fp32 (products with W itself,
   or with its Gram matrix for a tall W), which searches the whole Krylov space rather than one
-  block. The extra memory is about one fp32 weight (on the CPU, a square-ish layer's products go
-  through two oneDNN-reordered copies of it: 1.8x faster than MKL's thin products). A random (Marchenko-Pastur) layer, the hardest
-  case, needs ~770 Krylov vectors for r = 64 at width 3072, a trained-like one far fewer; a tall
-  one with such a flat top restarts on the Gram matrix's shifted inverse (~330 instead of ~930). It
-  stops when every boundary is as exact as the trainer's own fp32 SVD can be there (or 1e-6),
-  then a float64 Rayleigh-Ritz step against W itself certifies that with true residuals.
+  block. The extra memory is about one fp32 weight (on an x86-64 CPU a square-ish layer's
+  products use two oneDNN-reordered copies of it: 1.8x faster than MKL's thin products there).
+  A random (Marchenko-Pastur) layer, the hardest case, needs ~770 Krylov vectors for r = 64 at
+  width 3072, a trained-like one far fewer; a tall one with such a flat top restarts on the Gram
+  matrix's shifted inverse (~330 instead of ~930). It stops when every boundary is as exact as
+  the trainer's own fp32 SVD can be there (or 1e-6), then a float64 Rayleigh-Ritz step against W
+  itself certifies that with true residuals.
 
 Only products are defined, not the signs of singular vectors; and where two singular values at a
 mask boundary nearly coincide, the split between "active" and "inactive" base ranks is defined
