@@ -452,11 +452,13 @@ class _NoLinearOneDNN:
 
 
 @pytest.mark.parametrize("ops", [_ReducedPrecisionOneDNN, _NoLinearOneDNN])
-def test_inexact_or_missing_onednn_falls_back_to_plain_products(monkeypatch, ops):
+def test_inexact_or_missing_onednn_falls_back_to_plain_products(monkeypatch, request, ops):
     """Without full fp32 products from oneDNN (reduced-precision math, or no such op), Lanczos
     uses plain products, and the base terms stay exact against a float64 SVD."""
     real = torch.ops.mkldnn
     monkeypatch.setattr(torch.ops, "mkldnn", ops(real) if ops is _ReducedPrecisionOneDNN else ops())
+    svd._onednn_is_fp32.cache_clear()  # checked once per math setting: check this build again
+    request.addfinalizer(svd._onednn_is_fp32.cache_clear)
     g = torch.Generator().manual_seed(4)
     A = torch.randn(600, 384, generator=g) / 600 ** 0.5
     X = torch.randn(16, 384, generator=g)

@@ -497,29 +497,47 @@ def _times_ata(A: torch.Tensor, b: int, copy_ok: bool):
 
 def _onednn_times_ata(A: torch.Tensor, b: int):
     """``X -> X A^T A`` through oneDNN's linear with A and A^T reordered once into its blocked
-    layout for b-row inputs (two copies of A), or None where that is unavailable or inexact.
+    layout for b-row inputs (two copies of A), or None where this build lacks that or does not
+    compute it in full fp32 (``_onednn_is_fp32``).
 
     MKL's thin sgemm runs far below the memory bandwidth at b = 16; the reordered products are
     1.7-1.9x faster (3072 x 3072 fp32 on a 2-core AMD CPU: 3.8 ms per block against 6.9 ms; the two
-    reorders cost ~60 ms, about 20 blocks' saving). They are checked once against plain products,
-    so a build or a setting without full fp32 there (bf16 / tf32 math) is not used.
+    reorders cost ~60 ms, about 20 blocks' saving).
     """
-    if not torch.backends.mkldnn.is_available():
+    if not _onednn_is_fp32(_onednn_fp32_math()):
         return None
+    ops = torch.ops.mkldnn
+    try:
+        wa, wat = ops._reorder_linear_weight(A, b), ops._reorder_linear_weight(A.t(), b)
+    except RuntimeError:  # a layout this build refuses
+        return None
+    return lambda X: ops._linear_pointwise(ops._linear_pointwise(X, wa, None, "none", [], ""),
+                                           wat, None, "none", [], "")
+
+
+def _onednn_fp32_math() -> str:
+    """oneDNN's fp32 math setting where this torch has one (bf16 / tf32 change what it computes)."""
+    return str(getattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision", None))
+
+
+@functools.lru_cache(maxsize=None)
+def _onednn_is_fp32(math_setting: str) -> bool:
+    """Whether oneDNN's linear with reordered weights (of a matrix and of a transposed view) exists
+    here and computes x @ w.T in full fp32: checked against float64 on small products, once per
+    math setting. (Exactness never rests on it: the float64 certification would catch a wrong
+    product; this keeps a slow, stalling Lanczos from being chosen.)"""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    g = torch.Generator().manual_seed(0)
+    w, x, y = torch.randn(96, 256, generator=g), torch.randn(16, 256, generator=g), torch.randn(16, 96, generator=g)
     try:
         ops = torch.ops.mkldnn
-        wa, wat = ops._reorder_linear_weight(A, b), ops._reorder_linear_weight(A.t(), b)
-
-        def times_ata(X):
-            return ops._linear_pointwise(ops._linear_pointwise(X, wa, None, "none", [], ""),
-                                         wat, None, "none", [], "")
-
-        X = torch.randn(b, A.shape[1], generator=torch.Generator().manual_seed(0))
-        want = (A.t() @ (A @ X.t())).t()
-        err = float((times_ata(X) - want).norm()) / max(float(want.norm()), 1e-300)
+        got = [ops._linear_pointwise(x, ops._reorder_linear_weight(w, 16), None, "none", [], ""),
+               ops._linear_pointwise(y, ops._reorder_linear_weight(w.t(), 16), None, "none", [], "")]
     except (AttributeError, RuntimeError, TypeError):  # an op missing from, or refused by, this build
-        return None
-    return times_ata if err <= 1e-5 else None
+        return False
+    want = [x.double() @ w.double().t(), y.double() @ w.double()]
+    return all(float((a.double() - e).norm() / e.norm()) <= 1e-6 for a, e in zip(got, want))
 
 
 class _ShiftInvert:
