@@ -5,6 +5,11 @@ works whatever the base weight is stored as (fp8, GGUF, offloaded) and never tou
 active ranks are computed (``k = active_rank * group``: a slice, never a multiplication by zeros),
 and the result is accumulated straight into the output (or into its slice of a fused qkv /
 linear1 output) with ``addmm_``: no zero buffers, no output-sized temporaries.
+
+The down projection is taken as ``D[:k] x^T`` (k x rows), the layout ``addmm_`` then reads as a
+transposed operand for free: for the thin shapes here (k < 64, a few hundred rows) BLAS runs it
+~20% faster than ``x D[:k]^T``, whose speed jumps with k (measured with MKL on an x86-64 CPU, the
+adapter work of the overhead benchmark's four steps: 42 ms against 52 ms on one thread).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ def add_lowrank_(out: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: tor
     if k <= 0:
         return out
     x2 = x.reshape(-1, x.shape[-1])
-    h = torch.mm(x2, down[:k].t())
+    h = torch.mm(down[:k], x2.t()).t()  # (rows, k), computed as D[:k] x^T (see the module docstring)
     up_t = up[:, :k].t()
     o2 = _target_2d(out, out_slice)
     if o2 is not None and h.dtype == o2.dtype:
@@ -86,10 +91,10 @@ class Prepared:
         self.down, self.up, self._views = down, up, {}
 
     def views(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(down[:k].T, up[:, :k].T)``."""
+        """``(down[:k], up[:, :k].T)``."""
         v = self._views.get(k)
         if v is None:
-            v = self._views[k] = (self.down[:k].t(), self.up[:, :k].t())
+            v = self._views[k] = (self.down[:k], self.up[:, :k].t())
         return v
 
 
@@ -99,11 +104,11 @@ def add_prefix_2d_(o2: torch.Tensor, x2: torch.Tensor, prepared: Prepared, k: in
     contiguous output in the same dtype: two BLAS calls, the second accumulating in place."""
     if k <= 0:
         return
-    d_t, u_t = prepared.views(k)
-    h = torch.mm(x2, d_t)
+    d_k, u_t = prepared.views(k)
+    h_t = torch.mm(d_k, x2.t())
     if out_slice is not None:
         o2 = o2[:, out_slice[0]:out_slice[0] + out_slice[1]]
-    o2.addmm_(h, u_t, alpha=strength)
+    o2.addmm_(h_t.t(), u_t, alpha=strength)
 
 
 def prefix_mask(ranks: Sequence[int], group: int, dtype=torch.float32, device=None) -> torch.Tensor:
