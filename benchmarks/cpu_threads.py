@@ -38,6 +38,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--hidden", type=int, default=3072)
     p.add_argument("--heads", type=int, default=24)
+    p.add_argument("--settle", type=float, default=5.0, help="seconds to wait before each timed run (overhead.py)")
     args = p.parse_args(argv)
 
     host.load_comfy(cpu=True)
@@ -74,6 +75,7 @@ def main(argv=None):
                 else:
                     os.environ[ENV] = threads  # read when the run's hooks are made
                 mm.load_models_gpu([model])  # merge / restore the LoRA in place (one weight copy), untimed
+                time.sleep(args.settle)  # as in overhead.py: freed memory is reported to a VM's host later
                 t = time.perf_counter()
                 sample(model)
                 if i:

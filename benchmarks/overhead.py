@@ -7,9 +7,10 @@ the median of N steady-state rounds:
   merged  + a plain rank-64 LoRA on the attention/MLP layers, merged by ComfyUI's own loader;
   tlora   + the pack's rank-64 T-LoRA on the same layers (schedule alpha 1, min_rank 1).
 All three run on the same weight memory: ComfyUI merges the LoRA into it in place when the merged
-clone is loaded and restores it when another clone is, and each run's clone is loaded before its
-timer starts. (Separate copies of identical weights ran up to 12% apart, steadily within a process:
-where the memory lies, not what is computed, would decide the ratio.)
+clone is loaded and restores it when another clone is; each run's clone is loaded, then the
+machine left to settle (``--settle``), before its timer starts. (Separate copies of identical
+weights ran up to 12% apart, steadily within a process: where the memory lies, not what is
+computed, would decide the ratio.)
 Prints a JSON summary, then as its LAST line ``overhead_vs_merged_lora=X.XXX`` (median tlora /
 median merged). The FLOP floor of the unmerged adapter is computed from the actual calls.
 """
@@ -186,6 +187,11 @@ def main(argv=None):
     p.add_argument("--hidden", type=int, default=3072)
     p.add_argument("--heads", type=int, default=24)
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
+    p.add_argument("--settle", type=float, default=5.0,
+                   help="seconds to wait before each timed run: merging or restoring the LoRA allocates "
+                        "and frees ~1.4 GB, and a VM that reports freed memory to its host does that "
+                        "seconds later, inside the next run (measured: runs right after a restore were "
+                        "7-10%% slower without the pause, 3 s did not suffice, 5 s did)")
     args = p.parse_args(argv)
     if args.runs < 5:
         p.error("--runs must be >= 5")
@@ -230,6 +236,7 @@ def main(argv=None):
     for i in range(args.warmup + args.runs):
         for name in order[i % 3:] + order[:i % 3]:  # rotate who goes first
             mm.load_models_gpu([variants[name]])  # merge / restore the LoRA in place, untimed
+            time.sleep(args.settle)  # the same pause before every run (see --settle)
             gc.collect()  # no collection of the previous run's garbage inside a timed run
             gc.disable()
             try:
@@ -263,7 +270,7 @@ def main(argv=None):
                  f"{sum(p.numel() for p in base.model.diffusion_model.parameters()) / 1e6:.0f}M params",
         "run": f"latent 1x16x16x16, {args.steps} euler steps, CFG 3.5 with a negative cond",
         "adapter": f"rank {args.rank} on {len(targets)} layers; T-LoRA schedule alpha 1, min_rank 1",
-        "rounds": {"warmup": args.warmup, "steady": args.runs},
+        "rounds": {"warmup": args.warmup, "steady": args.runs, "settle_s_before_each_run": args.settle},
         "median_s": {k: round(v, 4) for k, v in med.items()},
         "all_s": {k: [round(x, 4) for x in v] for k, v in times.items()},
         "min_s": {k: round(min(v), 4) for k, v in times.items()},
