@@ -191,7 +191,7 @@ def main(argv=None):
                    help="seconds to wait before each timed run: merging or restoring the LoRA allocates "
                         "and frees ~1.4 GB, and a VM that reports freed memory to its host does that "
                         "seconds later, inside the next run (measured: runs right after a restore were "
-                        "7-10%% slower without the pause, 3 s did not suffice, 5 s did)")
+                        "3-10%% slower without the pause, 3 s did not suffice, 5 s did)")
     args = p.parse_args(argv)
     if args.runs < 5:
         p.error("--runs must be >= 5")
