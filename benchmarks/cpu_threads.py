@@ -5,7 +5,8 @@ On CPUs with <= 2 intra-op threads the runtime runs the adapters' skinny matmuls
   merged        a plain rank-64 LoRA merged by ComfyUI's own loader (the reference);
   tlora_1       the pack's T-LoRA with its adapters on one thread (the default on such CPUs);
   tlora_torch   the same T-LoRA with torch's own thread setting (COMFYUI_TLORA_CPU_THREADS=0);
-on the benchmark model of ``benchmarks/overhead.py``. ``--busy`` runs a busy loop in another
+on the benchmark model of ``benchmarks/overhead.py`` (one weight copy, the same settle pause before
+every timed run). ``--busy`` runs a busy loop in another
 process for the duration, as a second program on a shared 2-core machine would.
 Prints a JSON summary; the last line is ``one_thread_vs_torch_threads=X.XXX`` (paired median).
 """

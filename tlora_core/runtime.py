@@ -8,8 +8,8 @@ linear1 output) with ``addmm_``: no zero buffers, no output-sized temporaries.
 
 The down projection is taken as ``D[:k] x^T`` (k x rows), the layout ``addmm_`` then reads as a
 transposed operand for free: for the thin shapes here (k < 64, a few hundred rows) BLAS runs it
-~20% faster than ``x D[:k]^T``, whose speed jumps with k (measured with MKL on an x86-64 CPU, the
-adapter work of the overhead benchmark's four steps: 42 ms against 52 ms on one thread).
+~20% faster than ``x D[:k]^T``, whose speed jumps with k (measured with MKL on an x86-64 CPU: the
+adapter work of one overhead-benchmark run, 46.6 ms against 57.7 ms on one thread).
 """
 
 from __future__ import annotations
