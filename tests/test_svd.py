@@ -401,6 +401,26 @@ def test_shift_invert_operator_against_dense_float64():
     assert svd._ShiftInvert.above(G, 0.2 * float(lam[-1]), 0.0) is None  # cannot get above the top
 
 
+@pytest.mark.parametrize("kappa", [1.0, 1e3, 1e6, 1e12])
+def test_block_orthonormalisation_is_exact_to_its_dtype(monkeypatch, kappa):
+    """``_orthonormal_rows``: X = R^T Q with orthonormal rows Q, against float64 algebra; an fp32
+    block is factored once where well conditioned (kappa(X X^T) <= 1e4), twice otherwise."""
+    g = torch.Generator().manual_seed(3)
+    u = torch.linalg.qr(torch.randn(16, 16, generator=g, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(3000, 16, generator=g, dtype=torch.float64))[0]
+    X = ((u * kappa ** -torch.linspace(0, 0.5, 16, dtype=torch.float64)) @ v.t()).float()
+    factorisations = []
+    real = torch.linalg.cholesky_ex
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", lambda *a, **k: factorisations.append(1) or real(*a, **k))
+    Q, R = svd._orthonormal_rows(X)
+    assert len(factorisations) == (1 if kappa <= svd.ONE_PASS_MAX_KAPPA else 2)
+    assert Q.dtype == torch.float32 and R.dtype == torch.float64
+    Qd = Q.double()
+    assert (Qd @ Qd.t() - torch.eye(16, dtype=torch.float64)).abs().max() < 1e-6
+    assert torch.allclose(R, R.triu())
+    assert rel(R.t() @ Qd, X.double()) < 1e-6
+
+
 def _plain_ata(A, X):
     return X.double() @ A.double().t() @ A.double()
 

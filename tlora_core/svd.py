@@ -53,6 +53,7 @@ CHECK_GROWTH = 3  # Ritz pairs are checked at most when the Krylov space has gro
 # gain at 0.66, 2.8x fewer Krylov vectors at 0.92)
 FLAT_TOP = 0.8
 DENSE_MAX = 768  # smaller side at or below this: dense float64 (fast enough, exact)
+ONE_PASS_MAX_KAPPA = 1e4  # ``_orthonormal_rows``: eps64 * 1e4 ~ 2e-12, far below eps32
 _CHUNK_ELEMS = 1 << 21  # elements per chunk when streaming W (keeps converted copies small)
 
 
@@ -308,13 +309,19 @@ def _dense_full(weight, device):
 
 # --- block Lanczos ----------------------------------------------------------------------------
 def _orthonormal_rows(X: torch.Tensor):
-    """Cholesky-QR twice in float64 on the rows of the short, wide ``X`` (b, N): ``X = R^T Q`` with
+    """Cholesky-QR in float64 on the rows of the short, wide ``X`` (b, N): ``X = R^T Q`` with
     orthonormal rows ``Q`` (X's dtype) and upper-triangular ``R`` (float64). BLAS-3 and cheap;
-    Householder QR where Cholesky breaks down."""
+    Householder QR where Cholesky breaks down. Twice, except for a well-conditioned fp32 ``X``
+    (kappa(X X^T) <= ONE_PASS_MAX_KAPPA, as Lanczos blocks of flat spectra are): one pass then
+    leaves an error ~eps64 * kappa, far below the rounding of Q to fp32."""
     with _one_thread():
-        Xd, R = X.double(), None
-        for _ in range(2):
-            L, info = torch.linalg.cholesky_ex(Xd @ Xd.t())
+        Xd, R, passes = X.double(), None, 2
+        for i in range(2):
+            G = Xd @ Xd.t()
+            if i == 0 and X.dtype == torch.float32:
+                ev = torch.linalg.eigvalsh(G)
+                passes = 1 if 0 < float(ev[-1]) <= ONE_PASS_MAX_KAPPA * float(ev[0]) else 2
+            L, info = torch.linalg.cholesky_ex(G)
             if int(info) != 0:
                 Qc, Ri = torch.linalg.qr(Xd.t())
                 Xd = Qc.t()
@@ -322,6 +329,8 @@ def _orthonormal_rows(X: torch.Tensor):
                 Ri = L.t()
                 Xd = torch.linalg.solve_triangular(L, Xd, upper=False)
             R = Ri if R is None else Ri @ R
+            if i + 1 == passes:
+                break
         return Xd.to(X.dtype), R
 
 
