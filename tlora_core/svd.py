@@ -479,12 +479,13 @@ def _lanczos_top(weight, k, device, seed, block: Optional[int] = None, use_gram:
                 continue
             misses.append((j, math.log10(worst)))
             check_at = j + _next_check_in(misses, j, b)
+    del H, G, times_ata, shift  # the operator (reordered copies, Gram matrix or factor) first
     # the Ritz vectors in float64 (they keep the basis exact), converting the basis a chunk at a time
     Zt = Z.t().contiguous().to(V.device)
     Q = torch.zeros(Zt.shape[0], N, dtype=torch.float64, device=A.device)
     for rows, Vc in _row_chunks(V[:j], torch.float64):
         Q.addmm_(Zt[:, rows], Vc)
-    del V, H, G, times_ata, shift
+    del V
     return _certify(A, transposed, Q, k)
 
 
