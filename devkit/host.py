@@ -1,4 +1,5 @@
-"""A real ComfyUI, imported in-process (CPU), and this pack imported the way ComfyUI imports it."""
+"""A real ComfyUI, imported in-process (on the CPU; on the GPU with ``TLORA_COMFY_GPU=1``), and this
+pack imported the way ComfyUI imports it."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import sys
 import types
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 PACK_NAME = "comfyui_tlora"
@@ -21,8 +23,13 @@ def comfyui_path() -> Path:
     return path
 
 
-def load_comfy(cpu: bool = True):
-    """Import ComfyUI's modules from comfyui_path(); returns the ``comfy`` package."""
+def load_comfy(cpu: Optional[bool] = None):
+    """Import ComfyUI's modules from comfyui_path(); returns the ``comfy`` package.
+
+    ``cpu`` None: on the CPU, unless ``TLORA_COMFY_GPU=1`` (the test suite on a GPU machine).
+    """
+    if cpu is None:
+        cpu = os.environ.get("TLORA_COMFY_GPU") != "1"
     path = str(comfyui_path())
     if path not in sys.path:
         sys.path.insert(0, path)

@@ -1,4 +1,5 @@
-"""Fixtures: a real ComfyUI in-process (CPU), tiny real models, and a real ComfyUI server.
+"""Fixtures: a real ComfyUI in-process (CPU; its GPU with ``TLORA_COMFY_GPU=1``), tiny real models, and a
+real ComfyUI server.
 
 The pack is importable as ``comfyui_tlora`` (see devkit.host.import_pack); ``tlora_core`` tests
 need no ComfyUI at all.
@@ -30,7 +31,7 @@ def single_threaded():
 
 @pytest.fixture(scope="session")
 def comfy():
-    """ComfyUI's ``comfy`` package, imported in-process on the CPU."""
+    """ComfyUI's ``comfy`` package, imported in-process (``devkit.host.load_comfy``)."""
     return host.load_comfy()
 
 
