@@ -7,7 +7,7 @@ with a full ``torch.linalg.svd``. A full SVD of every layer is the slow part of 
 triplets are used. Here only those are computed:
 
 - ``dense``: the Gram matrix of the smaller side in float64 and ``eigh``; exact to float64 and the
-  fastest for small layers (tests, tiny models).
+  fastest for small layers (tests, tiny models), and on a GPU.
 - ``lanczos``: block Lanczos (full reorthogonalisation) on W^T W in fp32 (products with W itself,
   or with its Gram matrix for a tall W), which searches the whole Krylov space rather than one
   block. The extra memory is about one fp32 weight (on an x86-64 CPU a square-ish layer's
@@ -53,6 +53,10 @@ CHECK_GROWTH = 3  # Ritz pairs are checked at most when the Krylov space has gro
 # gain at 0.66, 2.8x fewer Krylov vectors at 0.92)
 FLAT_TOP = 0.8
 DENSE_MAX = 768  # smaller side at or below this: dense float64 (fast enough, exact)
+# on a GPU, dense up to here: float64 products and eigh are fast there, while Lanczos' Ritz checks
+# run on the CPU (measured on an H100: 0.19 s against 0.69 s for a random 3072 x 3072 layer, 0.09 s
+# against 0.43 s for a 12288 x 3072 one; cuSOLVER's full fp32 SVD took 0.59 s and 0.62 s)
+GPU_DENSE_MAX = 8192
 ONE_PASS_MAX_KAPPA = 1e4  # ``_orthonormal_rows``: eps64 * 1e4 ~ 2e-12, far below eps32
 _CHUNK_ELEMS = 1 << 21  # elements per chunk when streaming W (keeps converted copies small)
 
@@ -136,7 +140,9 @@ def _base_terms(weight, rank, sig_type, method, device, seed) -> BaseTerms:
     else:
         k_need = min(r + 1, small)
         if method == "auto":
-            method = "dense" if small <= max(DENSE_MAX, 4 * (2 * r)) else "lanczos"
+            on_gpu = (device if device is not None else weight.device).type == "cuda"
+            dense = small <= max(DENSE_MAX, 4 * (2 * r)) or (on_gpu and small <= GPU_DENSE_MAX)
+            method = "dense" if dense else "lanczos"
         if method == "dense":
             p, s, q = _dense_top(weight, k_need, device)
             own = [DENSE_OWN_ERROR] * r
@@ -290,9 +296,10 @@ def _finish(A, transposed, V, s):
 
 def _dense_top(weight, k, device):
     A, transposed = _oriented(weight, device)
-    with _one_thread() if A.shape[1] <= 2 * DENSE_MAX else contextlib.nullcontext():
+    cpu = A.device.type == "cpu"
+    with _one_thread() if cpu and A.shape[1] <= 2 * DENSE_MAX else contextlib.nullcontext():
         G = _gram(A, torch.float64)
-        with _one_thread():
+        with _one_thread() if cpu else contextlib.nullcontext():
             evals, evecs = torch.linalg.eigh(G)
         evals = evals.flip(0)[:k].clamp_min(0)
         V = evecs.flip(1)[:, :k].contiguous()
