@@ -19,6 +19,8 @@ Exactness: for every module and every prefix mask k = 1..64, the rebuilt P0 diag
 compared with the baseline's (= lycoris-lora's own reconstruction); boundaries whose split is
 ill-defined at fp32 (flagged by the pack) are counted apart. Peak extra memory (RSS, sampled every
 5 ms) is taken in another first load, apart from the timed one.
+``--device cuda``: the model's load device is the GPU, where the pack computes (the weight's copy
+there included) and so does the baseline; peak extra GPU memory is reported too.
 Prints a JSON summary, then as its LAST line ``first_load_speedup_vs_full_svd=X.X``.
 """
 
@@ -119,12 +121,20 @@ def main(argv=None):
     ap.add_argument("--heads", type=int, default=24)
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--modules", type=int, default=len(MODULES), help="use the first N modules")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="the model's load device: where both the pack and the baseline compute")
     args = ap.parse_args(argv)
 
     import torch
     from safetensors.torch import save_file
 
-    host.load_comfy()
+    host.load_comfy(cpu=args.device == "cpu")
+    import comfy.model_management as mm
+
+    dev = mm.get_torch_device()
+    if dev.type != args.device:
+        raise SystemExit(f"--device {args.device}: ComfyUI's device is {dev}")
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     from devkit.tiny_models import tiny_flux
     from devkit.tlora_files import diffusers_targets, layer_weight
 
@@ -170,6 +180,17 @@ def main(argv=None):
         f = formats.read_tlora(lora)
         return f, keymap.bind_tlora(model, f, cache_dir=str(cache), progress=False)
 
+    def full_svd(w):
+        """The baseline on the load device, the weight's copy there included (as in the pack's load)."""
+        out = torch.linalg.svd(w.to(dev), full_matrices=False)
+        sync()
+        return out
+
+    if dev.type == "cuda":  # library loads and handle creation stay out of both timings
+        warm = torch.randn(1024, 1024, generator=gen)
+        full_svd(warm)
+        svd.base_terms(warm, R, method="lanczos", device=dev)
+
     first_runs = []  # (wall, cpu, per-call times, bound) of every first load
 
     def first_load():
@@ -192,8 +213,8 @@ def main(argv=None):
             first_load()
             for path in part or ():
                 w = layer_weight(model, *targets[path]).float()
-                (u, s, vh), dw, dc = timed(lambda: torch.linalg.svd(w, full_matrices=False))
-                baseline[path] = (u[:, :R].clone(), s[:R].clone(), vh[:R].clone())
+                (u, s, vh), dw, dc = timed(lambda: full_svd(w))
+                baseline[path] = (u[:, :R].cpu(), s[:R].cpu(), vh[:R].cpu())
                 del u, s, vh
                 base_wall += dw
                 base_cpu += dc
@@ -210,8 +231,12 @@ def main(argv=None):
         shutil.rmtree(cache)
         keymap._FP_MEMO.clear()
         _release_free_heap()
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            gpu_start = torch.cuda.memory_allocated()
         with PeakRSS() as mem:
             load()
+        gpu_extra = torch.cuda.max_memory_allocated() - gpu_start if dev.type == "cuda" else None
     finally:
         svd.base_terms = real_base_terms
     n_runs = len(first_runs)
@@ -248,8 +273,9 @@ def main(argv=None):
     # exactness at real width where every boundary is well defined: a 3072x3072 slice (img q of the
     # fused qkv) given 65 separated top singular values (1.4% of s1 apart) above a random tail
     sep = _separated_slice(model, targets[modules[0]], R)
-    (su, ss, svh), sep_full_s, _ = timed(lambda: torch.linalg.svd(sep, full_matrices=False))
-    st, sep_pack_s, _ = timed(lambda: svd.base_terms(sep, R))
+    (su, ss, svh), sep_full_s, _ = timed(lambda: full_svd(sep))
+    su, ss, svh = su.cpu(), ss.cpu(), svh.cpu()
+    st, sep_pack_s, _ = timed(lambda: svd.base_terms(sep, R, device=dev))
     sep_errs = {}
     for k in range(1, R + 1):
         ref = (su[:, :k].double() * ss[:k].double()) @ svh[:k].double()
@@ -260,7 +286,7 @@ def main(argv=None):
 
     speedup = base_wall / first_wall
     summary = {
-        "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(),
         "load_average": os.getloadavg(),
         "model": f"tiny_flux(hidden_size={args.hidden}, num_heads={args.heads}) fp32, built in {build_s:.1f}s",
@@ -288,6 +314,9 @@ def main(argv=None):
         "peak_extra_rss_mb": round(mem.extra / 2**20, 1),
         "largest_weight_mb": round(largest_weight / 2**20, 1),
         "peak_extra_rss_in_largest_weights": round(mem.extra / largest_weight, 2),
+        **({} if gpu_extra is None else {
+            "peak_extra_gpu_mb": round(gpu_extra / 2**20, 1),
+            "peak_extra_gpu_in_largest_weights": round(gpu_extra / largest_weight, 2)}),
         "prefix_masks_compared": compared,
         "prefix_masks_flagged_ill_conditioned": flagged,
         "max_rel_err_unflagged": max_err_ok,
