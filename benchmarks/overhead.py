@@ -287,6 +287,7 @@ def main(argv=None):
         "flop_floor_active_ranks": round(floor_active, 4),
         "tlora_runtime_share_of_run": round(share, 4),
         "adapter_memory_vs_file": round(adapter_bytes / file_bytes, 3),
+        "adapter_memory_on_device_vs_file": round(cache_bytes / file_bytes, 3),
         "tlora_differs_from_base": bool((outputs["tlora"] - outputs["base"]).abs().max() > 0),
         "merged_differs_from_base": bool((outputs["merged_lora"] - outputs["base"]).abs().max() > 0),
         "every_run_repeats_its_first_exactly": repeats_exactly,

@@ -30,7 +30,7 @@ from typing import Optional
 
 import torch
 
-from comfy.patcher_extension import WrappersMP
+from comfy.patcher_extension import CallbacksMP, WrappersMP
 
 from ..tlora_core import runtime as rt
 from ..tlora_core.adapter import BoundAdapter, LowRankAdapter
@@ -41,6 +41,8 @@ log = logging.getLogger("comfyui_tlora")
 
 KEY_PREFIX = "tlora:"
 _OFF = object()  # state: inside a model call whose rank is unknown (already warned): add nothing
+# a model dtype that activations run in (fp8 / quantized storage computes in another: not guessed)
+_COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def cpu_adapter_threads() -> Optional[int]:
@@ -106,6 +108,7 @@ class TLoraRuntime:
         self._run_sampling = []  # model_sampling of each open run (innermost last)
         self._cache_key = None
         self._cache: list[rt.Prepared] = []
+        self._loading_to = None  # the device of a model load in progress (between its two ``to`` calls)
         self._warned: set[str] = set()
 
     # --- ComfyUI's expectations of a model_function_wrapper ---------------------------------
@@ -113,14 +116,32 @@ class TLoraRuntime:
         return self  # model_options are deep-copied on every clone; this object is immutable config + run state
 
     def to(self, device_or_dtype):
-        """Honoured by ComfyUI when the model moves; forward it down the chain, drop stale device copies."""
+        """Honoured by ComfyUI, forwarded down the chain. Loading the model calls ``.to(load device)``
+        then ``.to(model dtype)``: the adapters are copied to that device then, in the load (not
+        inside the first sampling call, where pageable copies wait for the GPU). ``.to(offload
+        device)`` keeps them: every sampling run detaches and reloads its model that way; an unload
+        frees them (``on_detach``)."""
         if self.prev is not None and hasattr(self.prev, "to"):
             self.prev = self.prev.to(device_or_dtype)
-        if isinstance(device_or_dtype, (torch.device, str)) and self._cache_key is not None:
-            new, cached = torch.device(device_or_dtype), self._cache_key[0]
-            if new.type != cached.type or (new.index is not None and cached.index is not None and new.index != cached.index):
-                self._cache_key, self._cache = None, []  # the model left that device: free the copies there
+        if isinstance(device_or_dtype, (torch.device, str)):
+            new = torch.device(device_or_dtype)
+            if new.type == "cuda" and new.index is None and torch.cuda.is_available():
+                new = torch.device("cuda", torch.cuda.current_device())  # as activations report it
+            self._loading_to = None if new.type == "cpu" else new
+            if self._loading_to is not None and self._cache_key is not None and self._cache_key[0] != new:
+                self._cache_key, self._cache = None, []  # loaded onto another device: free the old copies
+        elif isinstance(device_or_dtype, torch.dtype):
+            if self._loading_to is not None and device_or_dtype in _COMPUTE_DTYPES:
+                self._weights(self._loading_to, device_or_dtype)  # else (fp8 storage...): at the first call
+            self._loading_to = None
         return self
+
+    def on_detach(self, model_patcher, unpatch_all: bool):
+        """ComfyUI's ON_DETACH callback. An unload (weights restored: ``unpatch_all``) takes the model
+        off its device: free the adapters' copies there too. A detach without it is the reload of a
+        clone of the same model (each sampling run does it), whose weights stay where they are."""
+        if unpatch_all:
+            self._cache_key, self._cache = None, []
 
     def models(self):
         return self.prev.models() if self.prev is not None and hasattr(self.prev, "models") else []
@@ -316,6 +337,7 @@ def apply_tlora(model_patcher, targets: list[BoundAdapter], schedule: Schedule, 
     clone.set_model_unet_function_wrapper(runtime)
     clone.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, runtime.key, runtime.outer_sample_wrapper)
     clone.add_wrapper_with_key(WrappersMP.APPLY_MODEL, runtime.key, runtime.apply_model_wrapper)
+    clone.add_callback_with_key(CallbacksMP.ON_DETACH, runtime.key, runtime.on_detach)
     return clone
 
 

@@ -420,6 +420,32 @@ def test_adapters_cached_once_per_device_dtype_without_copies(flux):
     assert sum(c.down.numel() + c.up.numel() for c in rt._cache) == src
 
 
+def test_adapters_follow_the_model_to_its_load_device(flux):
+    """ComfyUI's model load calls ``model_patches_to(load device)`` then ``(model dtype)``: the adapters
+    are copied there then, once, not inside the first sampling call. The detach / reload that every
+    sampling run does keeps them; an unload frees them. ('meta' stands in for a GPU here.)"""
+    m, placed, cond = flux
+    tl = patcher.apply_tlora(m, [p.bound for p in placed], _schedule(), 1.0, "follow")
+    rt = patcher.tlora_runtimes(tl)[0]
+    meta = torch.device("meta")
+    tl.model_patches_to(meta)
+    tl.model_patches_to(torch.float16)
+    assert rt._cache_key == (meta, torch.float16)
+    cached = rt._cache
+    assert [(c.down.device, c.down.dtype, c.down.shape, c.up.shape) for c in cached] == \
+        [(meta, torch.float16, p.bound.adapter.down.shape, p.bound.adapter.up.shape) for p in placed]
+    assert rt._weights(meta, torch.float16) is cached  # what the first call finds: no copy
+    tl.detach(unpatch_all=False)  # a run's reload of the same model: offloaded patches, weights stay
+    tl.model_patches_to(meta)
+    tl.model_patches_to(torch.float16)
+    assert rt._cache is cached
+    tl.detach(unpatch_all=True)  # unloaded
+    assert rt._cache_key is None and rt._cache == []
+    tl.model_patches_to(meta)
+    tl.model_patches_to(torch.float8_e4m3fn)  # fp8 storage: the compute dtype is not known yet
+    assert rt._cache_key is None
+
+
 def test_cpu_adapter_threads_policy_and_restore(flux, monkeypatch):
     """On a <= 2-thread CPU the adapters' small matmuls run on one thread (no OpenMP barrier per op);
     torch's setting is restored after every layer, errors included."""
