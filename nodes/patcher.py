@@ -15,6 +15,9 @@ The only module that knows ComfyUI's sampler internals. How a sampling run goes:
    qkv / linear1), k = active ranks, computing only the active ranks (``tlora_core.runtime``).
    Output-level adapters never touch the base weights, so fp8 / GGUF / offloaded weights work and
    other clones of the same base model are unaffected.
+3. Merge mode (``apply_tlora(merge=True)``, ``nodes.merge``): no hooks; from the run's first call
+   the adapted weights carry the call's ranks, rewritten when the rank changes and restored when
+   the run ends (finished, error or interrupt). Calls or runs it cannot serve get the hooks.
 
 The runtime is shared by the clone and its descendants (``__deepcopy__`` returns self: ComfyUI
 deep-copies ``model_options`` on every clone) and keeps tensors only in its own caches.
@@ -35,14 +38,13 @@ from comfy.patcher_extension import CallbacksMP, WrappersMP
 from ..tlora_core import runtime as rt
 from ..tlora_core.adapter import BoundAdapter, LowRankAdapter
 from ..tlora_core.schedule import Schedule
+from . import merge as merge_mode
 from . import sampling
 
 log = logging.getLogger("comfyui_tlora")
 
 KEY_PREFIX = "tlora:"
 _OFF = object()  # state: inside a model call whose rank is unknown (already warned): add nothing
-# a model dtype that activations run in (fp8 / quantized storage computes in another: not guessed)
-_COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def cpu_adapter_threads() -> Optional[int]:
@@ -73,11 +75,12 @@ class _Entry:
 class _CallState:
     """Active ranks of one model call; masks are built only when the batch mixes ranks."""
 
-    __slots__ = ("ranks", "uniform", "_masks")
+    __slots__ = ("ranks", "uniform", "merged", "_masks")
 
     def __init__(self, ranks: list[int]):
         self.ranks = ranks
         self.uniform = ranks[0] if all(r == ranks[0] for r in ranks) else None
+        self.merged = False  # merge mode: the weights carry these ranks, hooks add nothing
         self._masks = {}
 
     def mask(self, rank_cap: int, group: int, device, dtype) -> torch.Tensor:
@@ -88,10 +91,19 @@ class _CallState:
         return m
 
 
+def _merge_rank(state) -> Optional[int]:
+    """The rank merged weights must carry for a call: 0 where nothing is added, None where the
+    batch mixes ranks (no single weight can carry that)."""
+    if isinstance(state, _CallState):
+        return state.uniform
+    return 0
+
+
 class TLoraRuntime:
     """One applied T-LoRA: adapters grouped by layer, its schedule, and per-call / per-run state."""
 
-    def __init__(self, targets: list[BoundAdapter], schedule: Schedule, strength: float, name: str, prev_wrapper=None):
+    def __init__(self, targets: list[BoundAdapter], schedule: Schedule, strength: float, name: str, prev_wrapper=None,
+                 merge: bool = False):
         self.name = name
         self.key = f"{KEY_PREFIX}{name}:{uuid.uuid4().hex[:8]}"
         self.schedule = schedule
@@ -103,9 +115,11 @@ class TLoraRuntime:
             entry = _Entry(len(self._sources), tuple(t.out_slice) if t.out_slice is not None else None, t.adapter)
             self._sources.append((t.adapter.down, t.adapter.up))
             self.modules.setdefault(t.module, []).append(entry)
+        self.merge = merge  # merge mode (``nodes.merge``) in sampling runs
         self._state = None  # None (no call of ours running), _OFF, or a _CallState
         self._attached: dict[int, list] = {}  # id(diffusion model) -> [hook handles, refcount]
         self._run_sampling = []  # model_sampling of each open run (innermost last)
+        self._merge_runs: list[merge_mode.MergedRun] = []  # merge mode: each open run's state (innermost last)
         self._cache_key = None
         self._cache: list[rt.Prepared] = []
         self._loading_to = None  # the device of a model load in progress (between its two ``to`` calls)
@@ -131,7 +145,7 @@ class TLoraRuntime:
             if self._loading_to is not None and self._cache_key is not None and self._cache_key[0] != new:
                 self._cache_key, self._cache = None, []  # loaded onto another device: free the old copies
         elif isinstance(device_or_dtype, torch.dtype):
-            if self._loading_to is not None and device_or_dtype in _COMPUTE_DTYPES:
+            if self._loading_to is not None and device_or_dtype in merge_mode.COMPUTE_DTYPES:
                 self._weights(self._loading_to, device_or_dtype)  # else (fp8 storage...): at the first call
             self._loading_to = None
         return self
@@ -152,11 +166,8 @@ class TLoraRuntime:
         c = args["c"]
         ms = self._model_sampling(apply_model)
         state = self._state_for(ms, args["timestep"], c.get("transformer_options", {}))
-        temp = None
-        if not self._attached:  # called outside a sampling run of ours (no OUTER_SAMPLE): hook for this call
-            dm = getattr(getattr(apply_model, "__self__", None), "diffusion_model", None)
-            if dm is not None:
-                temp = self._attach(dm)
+        dm = getattr(getattr(apply_model, "__self__", None), "diffusion_model", None)
+        state, temp = self._enter_call(state, args["input"].device, dm)
         saved, self._state = self._state, state
         try:
             if self.prev is not None:
@@ -167,18 +178,39 @@ class TLoraRuntime:
             if temp is not None:
                 self._detach(temp)
 
+    def _enter_call(self, state, device, diffusion_model):
+        """How this call gets its adapters: ``(state, temporary hook handle or None)``. In a merge
+        mode run, by the weights where they can carry the call's rank (``state.merged``); else by
+        the hooks: the run's, or (outside a run of ours, no OUTER_SAMPLE) hooks for this call."""
+        run = self._merge_runs[-1] if self._merge_runs else None
+        if run is not None:
+            if run.set_rank(_merge_rank(state), device):
+                if state is not _OFF:
+                    state.merged = True  # the weights carry it: the hooks of a nested call add nothing
+                return state, None
+            if run.usable is False and run.hooks is None and diffusion_model is not None:
+                self._warn_once("merge", f"merge mode not possible here ({run.why}): applying it per layer")
+                run.hooks = self._attach(diffusion_model)  # for the rest of the run
+        if not self._attached and diffusion_model is not None:
+            return state, self._attach(diffusion_model)
+        return state, None
+
     def apply_model_wrapper(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
         """APPLY_MODEL fallback: only acts when our model_function_wrapper did not run for this call."""
-        if self._state is not None or not self._attached:
+        if self._state is not None or not (self._attached or self._merge_runs):
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
         self._warn_once("dropped", "another node replaced the model_function_wrapper without chaining it; "
                         "setting the rank masks from apply_model instead")
         ms = getattr(executor.class_obj, "model_sampling", None)
-        self._state = self._state_for(ms, t, transformer_options)
+        state = self._state_for(ms, t, transformer_options)
+        state, temp = self._enter_call(state, x.device, getattr(executor.class_obj, "diffusion_model", None))
+        self._state = state
         try:
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
         finally:
             self._state = None
+            if temp is not None:
+                self._detach(temp)
 
     def _model_sampling(self, apply_model):
         ms = getattr(getattr(apply_model, "__self__", None), "model_sampling", None)
@@ -199,18 +231,32 @@ class TLoraRuntime:
 
     # --- per sampling run -------------------------------------------------------------------
     def outer_sample_wrapper(self, executor, *args, **kwargs):
-        """OUTER_SAMPLE: hook the adapted layers for this run only; unhook whatever happens."""
+        """OUTER_SAMPLE: hook the adapted layers for this run only (merge mode: merge into their
+        weights from the first call on); unhook / restore the weights whatever ends the run."""
         patcher = getattr(executor.class_obj, "model_patcher", None)
-        handles = None
+        handles = run = None
         if patcher is not None:
-            handles = self._attach(patcher.get_model_object("diffusion_model"))
+            dm = patcher.get_model_object("diffusion_model")
+            if self.merge:
+                run = merge_mode.MergedRun(self.key, dm, self.modules, self.strength, self._weights)
+                self._merge_runs.append(run)
+            else:
+                handles = self._attach(dm)
             self._run_sampling.append(patcher.get_model_object("model_sampling"))
         try:
             return executor(*args, **kwargs)
         finally:
-            if handles is not None:
+            if patcher is not None:
                 self._run_sampling.pop()
-                self._detach(handles)
+                if run is None:
+                    self._detach(handles)
+                else:
+                    self._merge_runs.pop()
+                    try:
+                        run.restore()
+                    finally:
+                        if run.hooks is not None:
+                            self._detach(run.hooks)
 
     def _attach(self, diffusion_model) -> int:
         slot = self._attached.get(id(diffusion_model))
@@ -268,7 +314,7 @@ class TLoraRuntime:
                 self._warn_once("outside", "the diffusion model ran outside a sampler call (no sigma known): "
                                 "the T-LoRA adds nothing to it")
                 return None
-            if state is _OFF:
+            if state is _OFF or state.merged:
                 return None
             x = args[0] if args else kwargs["input"]
             threads = cpu_threads if x.device.type == "cpu" else None
@@ -324,16 +370,19 @@ def _validate(diffusion_model, targets: list[BoundAdapter]) -> None:
         raise ValueError("T-LoRA does not fit this model:\n  " + "\n  ".join(problems))
 
 
-def apply_tlora(model_patcher, targets: list[BoundAdapter], schedule: Schedule, strength: float, name: str):
+def apply_tlora(model_patcher, targets: list[BoundAdapter], schedule: Schedule, strength: float, name: str,
+                merge: bool = False):
     """A clone of ``model_patcher`` that adds the T-LoRA, masked per sampling call; the input is untouched.
 
+    ``merge``: in sampling runs, merge the active ranks into the adapted weights where possible
+    (``nodes.merge``; faster on GPUs) instead of adding them at each layer's output.
     Strength 0 (or no targets) returns a plain clone: exactly the base model.
     """
     clone = model_patcher.clone()
     if strength == 0 or not targets:
         return clone
     _validate(clone.get_model_object("diffusion_model"), targets)
-    runtime = TLoraRuntime(targets, schedule, strength, name, clone.model_options.get("model_function_wrapper"))
+    runtime = TLoraRuntime(targets, schedule, strength, name, clone.model_options.get("model_function_wrapper"), merge)
     clone.set_model_unet_function_wrapper(runtime)
     clone.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, runtime.key, runtime.outer_sample_wrapper)
     clone.add_wrapper_with_key(WrappersMP.APPLY_MODEL, runtime.key, runtime.apply_model_wrapper)

@@ -1,6 +1,6 @@
 """Independent references for the runtime tests: ComfyUI's own LoRA merge of a masked adapter,
-the trainers' rank formula written out again, a one-evaluation sampler, and random adapters
-placed on real layers through ComfyUI's key map.
+the trainers' rank formula written out again, a one-evaluation sampler, random adapters placed on
+real layers through ComfyUI's key map, and models with fp8 / quantized weights.
 
 Nothing here goes through the pack's runtime (nodes.patcher / tlora_core.runtime / nodes.sampling):
 the references must be able to disagree with it.
@@ -184,3 +184,45 @@ def no_gc_collect():
             gc.collect = orig
 
     return ctx()
+
+
+def fp8_flux():
+    """The tiny Flux with its linear weights stored in fp8 and computed in fp32 (manual cast),
+    plus the same model with those weights dequantized to fp32 (the reference)."""
+    import comfy.supported_models
+    from devkit.tiny_models import FLUX_TINY, _patcher, seeded_init_
+
+    def build(weight_dtype, manual_cast):
+        cfg = comfy.supported_models.Flux(dict(FLUX_TINY))
+        cfg.set_inference_dtype(weight_dtype, manual_cast)
+        model = cfg.get_model({}, device="cpu")
+        seeded_init_(model.diffusion_model, 0)
+        return model
+
+    q = build(torch.float8_e4m3fn, torch.float32)
+    with torch.no_grad():
+        for mod in q.diffusion_model.modules():
+            if isinstance(mod, torch.nn.Linear):
+                mod.weight.data = mod.weight.data.to(torch.float8_e4m3fn)
+    d = build(torch.float32, None)
+    d.diffusion_model.load_state_dict({k: v.float() for k, v in q.diffusion_model.state_dict().items()})
+    return _patcher(q), _patcher(d)
+
+
+class QuantLinear(torch.nn.Module):
+    """A GGUF-like layer: int8 weight + per-row scale, dequantized inside forward (no float weight)."""
+
+    def __init__(self, lin: torch.nn.Linear):
+        super().__init__()
+        w = lin.weight.detach().float()
+        scale = w.abs().amax(1, keepdim=True) / 127
+        self.register_buffer("qweight", torch.round(w / scale).to(torch.int8))
+        self.register_buffer("scale", scale)
+        self.bias = lin.bias
+        self.in_features, self.out_features = lin.in_features, lin.out_features
+
+    def dequantized(self):
+        return self.qweight.float() * self.scale
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.dequantized().to(x.dtype), self.bias)

@@ -73,6 +73,7 @@ def _assert_clean(m, runtime=None, base_sd=None):
     assert S.hooks_left(m) == 0
     if runtime is not None:
         assert runtime._state is None and runtime._attached == {} and runtime._run_sampling == []
+        assert runtime._merge_runs == [] and pack_module("nodes.merge")._MERGING == {}
     if base_sd is not None:
         sd = m.model.state_dict()
         assert sd.keys() == base_sd.keys()
@@ -96,7 +97,10 @@ def test_input_untouched_clone_shares_runtime(flux):
     assert copy.deepcopy(rt) is rt and rt.to(torch.device("cpu")) is rt and rt.to(torch.float16) is rt
 
 
-def test_leak_free_after_finish_error_and_interrupt(flux):
+@pytest.mark.parametrize("merge", [False, True], ids=["per-layer", "merge"])
+def test_leak_free_after_finish_error_and_interrupt(flux, merge):
+    """Nothing outlives a run, however it ends: no hooks, no state, and (merge mode) the weights
+    restored bit-exactly."""
     import comfy.model_management as mm
 
     m, placed, cond = flux
@@ -105,7 +109,7 @@ def test_leak_free_after_finish_error_and_interrupt(flux):
     targets = [p.bound for p in placed]
 
     # finished
-    tl = patcher.apply_tlora(m, targets, _schedule(), 1.0, "finish")
+    tl = patcher.apply_tlora(m, targets, _schedule(), 1.0, "finish", merge=merge)
     out = _sample(tl, cond)
     assert not torch.equal(out, base_out)
     _assert_clean(m, patcher.tlora_runtimes(tl)[0], base_sd)
@@ -116,13 +120,18 @@ def test_leak_free_after_finish_error_and_interrupt(flux):
     def boom(apply_model, args):
         calls.append(1)
         if len(calls) == 2:
-            assert S.hooks_left(m) > 0  # raised while the adapters were on
+            if merge:  # raised while the weights carried the adapter
+                t = placed[0].comfy_target
+                key = t if isinstance(t, str) else t[0]
+                assert not torch.equal(m.model.state_dict()[key], base_sd[key])
+            else:
+                assert S.hooks_left(m) > 0  # raised while the adapters were on
             raise RuntimeError("boom")
         return apply_model(args["input"], args["timestep"], **args["c"])
 
     m2 = m.clone()
     m2.set_model_unet_function_wrapper(boom)
-    tl2 = patcher.apply_tlora(m2, targets, _schedule(), 1.0, "error")
+    tl2 = patcher.apply_tlora(m2, targets, _schedule(), 1.0, "error", merge=merge)
     with pytest.raises(RuntimeError, match="boom"):
         _sample(tl2, cond)
     _assert_clean(m, patcher.tlora_runtimes(tl2)[0], base_sd)
@@ -132,7 +141,7 @@ def test_leak_free_after_finish_error_and_interrupt(flux):
         if step == 1:
             mm.interrupt_current_processing(True)
 
-    tl3 = patcher.apply_tlora(m, targets, _schedule(), 1.0, "interrupt")
+    tl3 = patcher.apply_tlora(m, targets, _schedule(), 1.0, "interrupt", merge=merge)
     try:
         with pytest.raises(mm.InterruptProcessingException):
             _sample(tl3, cond, callback=interrupt)
@@ -319,32 +328,9 @@ def test_outside_sampling_adds_nothing_and_warns_once(flux, caplog):
 
 
 # --- storage formats and memory ------------------------------------------------------------------
-def _fp8_flux(comfy):
-    """The tiny Flux with its linear weights stored in fp8 and computed in fp32 (manual cast),
-    plus the same model with those weights dequantized to fp32 (the reference)."""
-    import comfy.supported_models
-    from devkit.tiny_models import FLUX_TINY, _patcher, seeded_init_
-
-    def build(weight_dtype, manual_cast):
-        cfg = comfy.supported_models.Flux(dict(FLUX_TINY))
-        cfg.set_inference_dtype(weight_dtype, manual_cast)
-        model = cfg.get_model({}, device="cpu")
-        seeded_init_(model.diffusion_model, 0)
-        return model
-
-    q = build(torch.float8_e4m3fn, torch.float32)
-    with torch.no_grad():
-        for mod in q.diffusion_model.modules():
-            if isinstance(mod, torch.nn.Linear):
-                mod.weight.data = mod.weight.data.to(torch.float8_e4m3fn)
-    d = build(torch.float32, None)
-    d.diffusion_model.load_state_dict({k: v.float() for k, v in q.diffusion_model.state_dict().items()})
-    return _patcher(q), _patcher(d)
-
-
 def test_fp8_stored_weights(comfy, flux):
     _, _, cond = flux
-    q, d = _fp8_flux(comfy)
+    q, d = S.fp8_flux()
     assert any(p.dtype == torch.float8_e4m3fn for p in q.model.diffusion_model.parameters())
     placed = S.place(d, S.FLUX_LAYERS, S.random_ortho(R, seed=25))
     tl = patcher.apply_tlora(q, [p.bound for p in placed], _schedule(), 1.0, "fp8")
@@ -359,25 +345,6 @@ def test_fp8_stored_weights(comfy, flux):
     _assert_clean(q)
 
 
-class _QuantLinear(torch.nn.Module):
-    """A GGUF-like layer: int8 weight + per-row scale, dequantized inside forward (no float weight)."""
-
-    def __init__(self, lin: torch.nn.Linear):
-        super().__init__()
-        w = lin.weight.detach().float()
-        scale = w.abs().amax(1, keepdim=True) / 127
-        self.register_buffer("qweight", torch.round(w / scale).to(torch.int8))
-        self.register_buffer("scale", scale)
-        self.bias = lin.bias
-        self.in_features, self.out_features = lin.in_features, lin.out_features
-
-    def dequantized(self):
-        return self.qweight.float() * self.scale
-
-    def forward(self, x):
-        return torch.nn.functional.linear(x, self.dequantized().to(x.dtype), self.bias)
-
-
 def test_quantized_layers_without_a_float_weight(comfy, flux):
     """Output-level adapters never read the layer's weight: a GGUF-style quantized layer works, and
     equals ComfyUI's merge on the same model with those layers dequantized."""
@@ -387,7 +354,7 @@ def test_quantized_layers_without_a_float_weight(comfy, flux):
     q, d = tiny_flux(seed=0), tiny_flux(seed=0)
     for path in ("double_blocks.0.img_attn.qkv", "single_blocks.0.linear1", "double_blocks.0.img_mlp.0"):
         parent, name = path.rsplit(".", 1)
-        ql = _QuantLinear(q.model.diffusion_model.get_submodule(path))
+        ql = S.QuantLinear(q.model.diffusion_model.get_submodule(path))
         setattr(q.model.diffusion_model.get_submodule(parent), name, ql)
         with torch.no_grad():
             d.model.diffusion_model.get_submodule(path).weight.copy_(ql.dequantized())

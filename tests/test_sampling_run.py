@@ -80,7 +80,7 @@ def _swap_in_reference(m, placed, mode, r_min, alpha):
                 delta = ad.masked_up(r) @ ad.down
                 target = w if p.bound.out_slice is None else w.narrow(0, *p.bound.out_slice)
                 saved.append((w, w.clone()))
-                target.add_(STRENGTH * delta.to(w.dtype))
+                target.add_(STRENGTH * delta.to(device=w.device, dtype=w.dtype))
         try:
             return apply_model(args["input"], args["timestep"], **args["c"])
         finally:
@@ -156,3 +156,43 @@ def test_every_call_gets_its_rank_and_the_run_matches_the_reference(models, mode
     assert S.hooks_left(m) == 0
     sd = m.model.state_dict()
     assert all(torch.equal(sd[k], v) for k, v in base_sd.items())
+
+
+MERGE_CASES = [("flux", "euler", sched.TIMESTEP), ("flux", "dpm_2", sched.TIMESTEP), ("sdxl", "heun", sched.TIMESTEP),
+               ("flux", "heun", sched.STEP_INDEX)]
+
+
+@pytest.mark.parametrize("model_name,sampler,mode", MERGE_CASES)
+def test_merge_mode_run_matches_the_reference_and_restores_the_weights(models, model_name, sampler, mode, monkeypatch):
+    """Merge mode: the same run as the swap-in reference, with the weights rewritten only where the
+    rank changes (never per call, no hooks), and bit-exactly restored afterwards."""
+    merge_mod = pack_module("nodes.merge")
+    m, placed, cond, latent = models[model_name]
+    r_min, alpha = (2, 1.5) if mode == sched.STEP_INDEX else (1, 1.0)
+    ms = m.model.model_sampling
+    base_sd = {k: v.clone() for k, v in m.model.state_dict().items()}
+    call_ranks, rewrites, attached = [], [], []
+
+    def spy(apply_model, args):
+        to = args["c"]["transformer_options"]
+        call_ranks.append(_expected_rank(ms, args["timestep"].reshape(-1)[0], to, mode, r_min, alpha))
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    real_merge, real_attach = merge_mod.rt.merge_prefix_, patcher.TLoraRuntime._attach
+    monkeypatch.setattr(merge_mod.rt, "merge_prefix_", lambda *a: (rewrites.append(a[3]), real_merge(*a)))
+    monkeypatch.setattr(patcher.TLoraRuntime, "_attach", lambda self, dm: (attached.append(1), real_attach(self, dm))[1])
+    spied = m.clone()
+    spied.set_model_unet_function_wrapper(spy)
+    tl = patcher.apply_tlora(spied, [p.bound for p in placed],
+                             sched.Schedule(max_rank=R, min_rank=r_min, alpha=alpha, mode=mode), STRENGTH, "merged", merge=True)
+    got = _sample(tl, cond, latent, sampler)
+    monkeypatch.undo()
+
+    changes = sum(1 for i, r in enumerate(call_ranks) if r != (call_ranks[i - 1] if i else 0))
+    assert len(set(call_ranks)) >= 3 and len(call_ranks) > changes  # some calls reuse the merged weights
+    assert len(rewrites) == changes * len(placed) and not attached
+    base = _sample(m, cond, latent, sampler)
+    ref = _sample(_swap_in_reference(m, placed, mode, r_min, alpha), cond, latent, sampler)
+    assert S.rel_err(got, ref, base) < 1e-3
+    sd = m.model.state_dict()
+    assert all(torch.equal(sd[k].cpu(), v.cpu()) for k, v in base_sd.items()) and merge_mod._MERGING == {}

@@ -111,6 +111,17 @@ def add_prefix_2d_(o2: torch.Tensor, x2: torch.Tensor, prepared: Prepared, k: in
     o2.addmm_(h_t.t(), u_t, alpha=strength)
 
 
+def merge_prefix_(weight: torch.Tensor, base: torch.Tensor, prepared: Prepared, k: int, strength: float) -> None:
+    """``weight = base + strength * up[:, :k] @ down[:k]``, written in place (one GEMM): a layer's
+    weight carrying the active ranks, recomputed from an untouched copy ``base`` of it, so that
+    rank changes never accumulate rounding. ``prepared`` is in the weight's dtype and device."""
+    if k <= 0:
+        weight.copy_(base)
+        return
+    d_k, u_t = prepared.views(k)
+    torch.addmm(base, u_t.t(), d_k, alpha=strength, out=weight)
+
+
 def prefix_mask(ranks: Sequence[int], group: int, dtype=torch.float32, device=None) -> torch.Tensor:
     """(B, max(ranks) * group) binary mask: the first ``rank * group`` columns of each row on."""
     kmax = max(ranks) * group

@@ -1,0 +1,128 @@
+"""Merge mode: for one sampling run, the adapted layers' weights carry the call's active ranks.
+
+Per-layer application (the hooks of ``nodes.patcher``) adds two thin matmuls per adapted slice to
+every model call. On a GPU those cost more than their FLOPs: at small sizes each is a kernel launch
+of a launch-bound run, at large ones each re-reads the layer's input and output (measured on an
+H100: 1.23x a merged LoRA at 64 image tokens, 1.05x at 4096). Here each adapted weight slice is
+set to ``W0 + s U[:, :k] D[:k]`` when the rank k changes (a few times per run, one GEMM per slice,
+always from a copy of W0 so that rounding never accumulates): the calls in between run at a merged
+LoRA's speed. The cost is one more copy of the adapted weights on their device while a run lasts.
+
+Only where that is possible and exact: plain float weights on the activations' device (not fp8,
+GGUF or offloaded to the CPU), a call whose whole batch has one rank, and no other T-LoRA merging
+the same weight. Everything else is left to the hooks. The weights are restored from the copies
+(bit-exact) when the run ends, whatever ends it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Optional
+
+import torch
+
+import comfy.model_management
+
+from ..tlora_core import runtime as rt
+
+log = logging.getLogger("comfyui_tlora")
+
+# a model dtype that activations run in; fp8 / quantized storage computes in another
+COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# the copies may take at most this share of the device's free memory
+MAX_FREE_SHARE = 0.8
+_MERGING: dict[int, str] = {}  # id(weight) -> key of the T-LoRA whose run merges into it
+
+
+class MergedRun:
+    """The merge state of one sampling run of one T-LoRA (made per run, restored at its end)."""
+
+    def __init__(self, key: str, diffusion_model, modules: dict, strength: float,
+                 weights_for: Callable[[torch.device, torch.dtype], list]):
+        self.key = key
+        self.dm = diffusion_model
+        self.modules = modules  # layer path -> the runtime's entries (index, out_slice, adapter)
+        self.strength = strength
+        self.weights_for = weights_for  # the runtime's per-(device, dtype) adapter cache
+        self.usable: Optional[bool] = None  # decided at the first call (the weights are loaded by then)
+        self.why = ""
+        self.slots: list = []  # (weight slice, its copy, entry)
+        self.owners: list[int] = []  # id() of the weights merged into (``_MERGING``)
+        self.rank = 0  # the rank the weights carry
+        self.hooks = None  # the runtime's hook handle when the run falls back to per-layer
+
+    def set_rank(self, rank: Optional[int], device: torch.device) -> bool:
+        """Make the weights carry ``rank`` (0: the base weights). ``None`` (a batch of mixed ranks)
+        and runs that cannot merge put the base weights back and return False: hooks then apply it."""
+        if self.usable is None:
+            self.usable = self._prepare(device)
+        if not self.usable:
+            return False
+        target = 0 if rank is None else rank
+        if target != self.rank:
+            w0 = self.slots[0][0]
+            prepared = self.weights_for(w0.device, w0.dtype)
+            self.rank = -1  # unknown until every slice is written (restore() puts all back anyway)
+            with torch.no_grad():
+                for view, copy, entry in self.slots:
+                    ad = entry.adapter
+                    rt.merge_prefix_(view, copy, prepared[entry.index], min(target, ad.rank) * ad.group, self.strength)
+            self.rank = target
+        return rank is not None
+
+    def restore(self) -> None:
+        """The base weights back in place (bit-exact copies), the copies freed."""
+        try:
+            if self.rank != 0:
+                with torch.no_grad():
+                    for view, copy, _ in self.slots:
+                        view.copy_(copy)
+        finally:
+            for o in self.owners:
+                _MERGING.pop(o, None)
+            self.slots, self.owners, self.rank = [], [], 0
+
+    def _prepare(self, device: torch.device) -> bool:
+        slots, owners = [], []
+        for path, entries in self.modules.items():
+            module = self.dm.get_submodule(path)
+            w = getattr(module, "weight", None)
+            why = _unmergeable(module, w, device, self.key)
+            if why:
+                self.why = f"{path}: {why}"
+                return False
+            owners.append(id(w))
+            for e in entries:
+                view = w if e.out_slice is None else w.narrow(0, e.out_slice[0], e.out_slice[1])
+                slots.append((view, e))
+        if len({v.dtype for v, _ in slots}) > 1:
+            self.why = "the adapted weights differ in dtype"
+            return False
+        need = sum(v.numel() * v.element_size() for v, _ in slots)
+        free = comfy.model_management.get_free_memory(device)
+        if need > MAX_FREE_SHARE * free:
+            self.why = f"a copy of the adapted weights ({need / 2**20:.0f} MB) does not fit in free memory ({free / 2**20:.0f} MB)"
+            return False
+        with torch.no_grad():
+            self.slots = [(v, v.clone(), e) for v, e in slots]
+        self.owners = owners
+        for o in owners:
+            _MERGING[o] = self.key
+        return True
+
+
+def _unmergeable(module, w, device, key: str) -> str:
+    """Why this layer's weight cannot carry the adapter in place ('' if it can)."""
+    if w is None:
+        return "it has no weight tensor (a quantized layer?)"
+    if type(w) not in (torch.Tensor, torch.nn.Parameter):
+        return f"its weight is a {type(w).__name__}"
+    if w.dtype not in COMPUTE_DTYPES:
+        return f"{w.dtype} weights"
+    if w.device != device:
+        return f"its weight is on {w.device}, not {device}"
+    if getattr(module, "comfy_cast_weights", False):
+        return "ComfyUI casts its weight at every call (low-VRAM loading or manual cast)"
+    if _MERGING.get(id(w), key) != key:
+        return "another T-LoRA merges into it"
+    return ""
