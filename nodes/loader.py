@@ -49,6 +49,9 @@ def info_text(lora_name: str, tfile, bound, schedule: sched.Schedule, strength: 
     return "\n".join(lines)
 
 
+APPLY_MODES = ["per layer", "merge"]
+
+
 class TLoraLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -67,6 +70,12 @@ class TLoraLoader(io.ComfyNode):
                                tooltip="The T-LoRA file, from the loras model folder. The format is detected."),
                 io.Float.Input("strength_model", default=1.0, min=-100.0, max=100.0, step=0.01,
                                tooltip="How strongly to apply the T-LoRA (0 = not at all, 1 = as trained)."),
+                io.Combo.Input("apply", options=APPLY_MODES, default=APPLY_MODES[0], optional=True,
+                               tooltip="per layer: the active ranks are added at each adapted layer's output (any "
+                                       "weight format). merge: they are written into the weights for each sampling "
+                                       "run, rewritten when the rank changes and restored after it: a merged LoRA's "
+                                       "speed on a GPU, for one more copy of the adapted weights while sampling "
+                                       "(plain float weights on the GPU; elsewhere it falls back to per layer)."),
                 TLoraScheduleType.Input("schedule", optional=True,
                                         tooltip="Overrides for the rank schedule (T-LoRA Schedule node). Without it, "
                                                 "the file's training settings are used, else min_rank 1, alpha 1.0, "
@@ -93,7 +102,7 @@ class TLoraLoader(io.ComfyNode):
             return lora_name
 
     @classmethod
-    def execute(cls, model, lora_name: str, strength_model: float,
+    def execute(cls, model, lora_name: str, strength_model: float, apply: str = APPLY_MODES[0],
                 schedule: Optional[ScheduleOverrides] = None) -> io.NodeOutput:
         # a schedule given here says "this is a T-LoRA": layouts plain LoRAs share are accepted then
         tfile = read_tlora(lora_path(lora_name), assume_tlora=schedule is not None)
@@ -106,4 +115,7 @@ class TLoraLoader(io.ComfyNode):
         info = info_text(lora_name, tfile, bound, effective, strength_model)
         if strength_model == 0:
             info += "\nstrength 0: the model is left as it was"
-        return io.NodeOutput(patcher.apply_tlora(model, bound.targets, effective, strength_model, lora_name), info)
+        merge = apply == "merge"
+        if merge:
+            info += "\napplied by merging the active ranks into the weights in each run (falls back to per layer where it cannot)"
+        return io.NodeOutput(patcher.apply_tlora(model, bound.targets, effective, strength_model, lora_name, merge=merge), info)

@@ -103,6 +103,13 @@ def test_loaded_model_samples_differently(nodes, loras, lycoris_file, tiny_flux)
     off = run(load(nodes, tiny_flux, name, strength=0.0)[0])
     assert torch.isfinite(with_tlora).all() and not torch.allclose(with_tlora, base)
     assert torch.equal(off, base)
+    # apply "merge": the same result through the weights, which are as before afterwards
+    weights = {k: v.clone() for k, v in tiny_flux.model.state_dict().items()}
+    merged_model, info = nodes[0].TLoraLoader.execute(tiny_flux, name, 1.0, apply="merge").args
+    assert "merging the active ranks into the weights" in info
+    merged = run(merged_model)
+    assert (merged - with_tlora).norm() <= 1e-4 * (with_tlora - base).norm()
+    assert all(torch.equal(v, weights[k]) for k, v in tiny_flux.model.state_dict().items())
 
 
 def test_wrong_model_corrupt_file_and_outside_paths_are_clear_errors(nodes, loras, lycoris_file, tiny_sdxl):
