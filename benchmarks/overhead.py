@@ -140,10 +140,14 @@ def flop_floor(base_model, targets, sample_fn, rank):
 
 def runtime_share(tlora_model, sample_fn, patcher):
     """Fraction of a T-LoRA run spent in the runtime itself (rank lookup per call + the layer hooks,
-    adapter matmuls included), from one instrumented run: a noise-robust view of the overhead."""
+    adapter matmuls included; merge mode: the weight rewrites and restores), from one instrumented
+    run: a noise-robust view of the overhead on a CPU (on a GPU it also counts waits for a full
+    launch queue)."""
     rt = patcher.tlora_runtimes(tlora_model)[0]
+    merge = host.pack_module("nodes.merge")
     spent = [0.0]
     make_hook, state_for = rt._make_hook, rt._state_for
+    set_rank, restore = merge.MergedRun.set_rank, merge.MergedRun.restore
 
     def timed(fn):
         def run(*a, **k):
@@ -156,12 +160,14 @@ def runtime_share(tlora_model, sample_fn, patcher):
 
     rt._make_hook = lambda entries: timed(make_hook(entries))
     rt._state_for = timed(state_for)
+    merge.MergedRun.set_rank, merge.MergedRun.restore = timed(set_rank), timed(restore)
     try:
         t = time.perf_counter()
         sample_fn(tlora_model)
         total = time.perf_counter() - t
     finally:
         del rt._make_hook, rt._state_for
+        merge.MergedRun.set_rank, merge.MergedRun.restore = set_rank, restore
     return spent[0] / total
 
 
@@ -184,9 +190,14 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--rank", type=int, default=64)
     p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--latent", type=int, default=16,
+                   help="latent height = width (16: the issue's shape, 64 tokens; 128: a 1024 px image, 4096 tokens)")
     p.add_argument("--hidden", type=int, default=3072)
     p.add_argument("--heads", type=int, default=24)
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
+    p.add_argument("--apply", default="per-layer", choices=["per-layer", "merge"],
+                   help="how the T-LoRA is applied (the Loader's 'apply' input): at each layer's output, or "
+                        "merged into the weights per run (nodes.merge)")
     p.add_argument("--settle", type=float, default=5.0,
                    help="seconds to wait before each timed run: merging or restoring the LoRA allocates "
                         "and frees ~1.4 GB, and a VM that reports freed memory to its host does that "
@@ -214,11 +225,12 @@ def main(argv=None):
 
     t0 = time.perf_counter()
     base, merged, tl_model, targets, file_bytes = build(args)
-    tlora = patcher.apply_tlora(tl_model, targets, sched.Schedule(max_rank=args.rank, min_rank=1, alpha=1.0), 1.0, "bench")
+    tlora = patcher.apply_tlora(tl_model, targets, sched.Schedule(max_rank=args.rank, min_rank=1, alpha=1.0), 1.0, "bench",
+                                merge=args.apply == "merge")
     build_s = time.perf_counter() - t0
 
     pos, neg = flux_conditioning()
-    latent = torch.zeros(1, 16, 16, 16)
+    latent = torch.zeros(1, 16, args.latent, args.latent)
     noise = comfy.sample.prepare_noise(latent, 0)
 
     def sample(model):
@@ -268,8 +280,8 @@ def main(argv=None):
         "torch_threads": torch.get_num_threads(),
         "model": f"tiny_flux(hidden_size={args.hidden}, num_heads={args.heads}), float32, "
                  f"{sum(p.numel() for p in base.model.diffusion_model.parameters()) / 1e6:.0f}M params",
-        "run": f"latent 1x16x16x16, {args.steps} euler steps, CFG 3.5 with a negative cond",
-        "adapter": f"rank {args.rank} on {len(targets)} layers; T-LoRA schedule alpha 1, min_rank 1",
+        "run": f"latent 1x16x{args.latent}x{args.latent}, {args.steps} euler steps, CFG 3.5 with a negative cond",
+        "adapter": f"rank {args.rank} on {len(targets)} layers; T-LoRA schedule alpha 1, min_rank 1, applied {args.apply}",
         "rounds": {"warmup": args.warmup, "steady": args.runs, "settle_s_before_each_run": args.settle},
         "median_s": {k: round(v, 4) for k, v in med.items()},
         "all_s": {k: [round(x, 4) for x in v] for k, v in times.items()},
