@@ -9,8 +9,9 @@ always from a copy of W0 so that rounding never accumulates): the calls in betwe
 LoRA's speed. The cost is one more copy of the adapted weights on their device while a run lasts.
 
 Only where that is possible and exact: plain float weights on the activations' device (not fp8,
-GGUF or offloaded to the CPU), a call whose whole batch has one rank, and no other T-LoRA merging
-the same weight. Everything else is left to the hooks. The weights are restored from the copies
+GGUF or offloaded to the CPU), a call whose whole batch has one rank, no other T-LoRA merging the
+same weight, and no ComfyUI hooks (keyframed LoRAs) patching the weights during the run.
+Everything else is left to the hooks. The weights are restored from the copies
 (bit-exact) when the run ends, whatever ends it.
 """
 

@@ -239,6 +239,8 @@ class TLoraRuntime:
             dm = patcher.get_model_object("diffusion_model")
             if self.merge:
                 run = merge_mode.MergedRun(self.key, dm, self.modules, self.strength, self._weights)
+                if getattr(patcher, "hook_patches", None):  # they rewrite weights between steps
+                    run.usable, run.why = False, "ComfyUI hooks (keyframed LoRAs) patch the weights during the run"
                 self._merge_runs.append(run)
             else:
                 handles = self._attach(dm)

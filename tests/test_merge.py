@@ -1,7 +1,7 @@
 """Merge mode (``apply_tlora(merge=True)``, ``nodes.merge``) where it must step aside: a call whose
 batch mixes ranks, weights it cannot carry the adapter in (fp8, quantized), a layer another T-LoRA
-already merges into, and too little free memory for the copies. Each falls back to the per-layer
-hooks, says so once, and leaves the weights as they were.
+already merges into, ComfyUI's own hooks on the conditioning, and too little free memory for the
+copies. Each falls back to the per-layer hooks, says so once, and leaves the weights as they were.
 
 (Its runs against an independent reference: tests/test_sampling_run.py; its restoration after an
 error or interrupt: tests/test_patcher.py.)
@@ -159,4 +159,24 @@ def test_too_little_free_memory_for_the_copies_falls_back(flux, monkeypatch, cap
     assert rewrites == [] and len(attached) == 1  # the hooks, once for the whole run
     monkeypatch.undo()
     assert torch.equal(got, _sample(patcher.apply_tlora(m, [p.bound for p in placed], sched.Schedule(max_rank=R), 1.0, "h"), cond))
+    assert _unchanged(m, before)
+
+
+def test_comfy_hooks_on_the_conditioning_keep_it_per_layer(flux, caplog):
+    """ComfyUI's own hooks (a keyframed LoRA on the conditioning) patch the weights during the run:
+    merge mode stays out of their way; the run is exactly the per-layer one."""
+    import comfy.hooks
+    import comfy.lora
+
+    m, placed, cond = flux
+    before = _weights(m)
+    hook_sd = S.lora_state_dict(S.place(m, S.FLUX_LAYERS[:4], S.random_plain(4, seed=44)), None)
+    hooks = comfy.hooks.create_hook_lora(comfy.lora.load_lora(hook_sd, S.model_keys(m)), 0.7, 0.0)
+    hooked = (comfy.hooks.set_hooks_for_conditioning(cond[0], hooks), cond[1])
+    targets = [p.bound for p in placed]
+    with caplog.at_level(logging.WARNING, logger="comfyui_tlora"):
+        got = _sample(patcher.apply_tlora(m, targets, sched.Schedule(max_rank=R), 1.0, "hooked", merge=True), hooked)
+    assert any("ComfyUI hooks" in r.getMessage() for r in caplog.records)
+    assert torch.equal(got, _sample(patcher.apply_tlora(m, targets, sched.Schedule(max_rank=R), 1.0, "h"), hooked))
+    assert not torch.equal(got, _sample(patcher.apply_tlora(m, targets, sched.Schedule(max_rank=R), 1.0, "h"), cond))
     assert _unchanged(m, before)
