@@ -6,7 +6,8 @@ of a launch-bound run, at large ones each re-reads the layer's input and output 
 H100: 1.23x a merged LoRA at 64 image tokens, 1.05x at 4096). Here each adapted weight slice is
 set to ``W0 + s U[:, :k] D[:k]`` when the rank k changes (a few times per run, one GEMM per slice,
 always from a copy of W0 so that rounding never accumulates): the calls in between run at a merged
-LoRA's speed. The cost is one more copy of the adapted weights on their device while a run lasts.
+LoRA's speed (H100, 4096 tokens: 1.03x instead of 1.05x; at 64 tokens no gain was measured). The
+cost is one more copy of the adapted weights on their device while a run lasts.
 
 Only where that is possible and exact: plain float weights on the activations' device (not fp8,
 GGUF or offloaded to the CPU), a call whose whole batch has one rank, no other T-LoRA merging the
