@@ -18,7 +18,7 @@ from devkit.host import pack_module
 
 svd = pack_module("tlora_core.svd")
 TOL = 1e-5
-# the GPU path (Lanczos blocks of 64, cuBLAS / cuSOLVER, TF32 kept off) where a GPU is there
+# the GPU path (cuBLAS / cuSOLVER, TF32 kept off) where a GPU is there
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))]
 
 
@@ -61,7 +61,7 @@ def lycoris_module(weight, rank, sig_type="principal"):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("method", ["dense", "lanczos"])
+@pytest.mark.parametrize("method", ["dense", "lanczos", "subspace"])
 @pytest.mark.parametrize("shape", [(300, 200), (200, 330), (640, 160)])
 def test_products_match_float64_svd(method, shape, device):
     w = torch.randn(*shape, generator=torch.Generator().manual_seed(3)) / math.sqrt(shape[1])
@@ -78,7 +78,7 @@ def test_products_match_float64_svd(method, shape, device):
     assert torch.allclose(t.lam.double(), s[:r], rtol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["dense", "lanczos"])
+@pytest.mark.parametrize("method", ["dense", "lanczos", "subspace"])
 def test_matches_lycoris_own_base_at_every_prefix(method):
     """Separated (trained-like) spectrum: every boundary is well defined and must match lycoris."""
     w = decaying(192, 256, decay=0.8)
@@ -92,19 +92,63 @@ def test_matches_lycoris_own_base_at_every_prefix(method):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_layers_take_the_dense_float64_path():
-    """On a GPU the float64 Gram matrix and its eigh are faster than Lanczos (whose Ritz checks run
-    on the CPU): a layer past DENSE_MAX still goes dense there, and stays exact to float64."""
-    w = torch.randn(1280, 1024, generator=torch.Generator().manual_seed(4)) / 32
+def test_gpu_layers_take_the_subspace_path():
+    """On a GPU a layer past GPU_DENSE_MAX takes the filtered subspace iteration (float64 products
+    there are fast, a full eigh is not), and it stays as exact as the trainer's fp32 SVD; a
+    smaller one goes dense."""
+    assert svd.base_terms(torch.randn(1280, 1024) / 32, 32, device="cuda").method == "dense"
+    w = torch.randn(2560, 2304, generator=torch.Generator().manual_seed(4)) / 48
     t = svd.base_terms(w, 32, device="cuda")
-    assert t.method == "dense"
+    assert t.method == "subspace"
     u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
     for k in range(1, 33):
-        assert rel(prefix_products(t.p, t.lam, t.q, k), (u[:, :k] * s[:k]) @ vh[:k]) <= 2e-6, k
+        allowed = max(2e-6, 0.5 * svd.predicted_fp32_error(s, k))
+        assert rel(prefix_products(t.p, t.lam, t.q, k), (u[:, :k] * s[:k]) @ vh[:k]) <= allowed, k
+
+
+def test_chebyshev_filter_is_the_polynomial_of_the_gram_matrix():
+    """``_chebyshev`` against T_d evaluated on G's eigenvalues (cos / cosh closed forms), float64."""
+    g = torch.Generator().manual_seed(11)
+    A = torch.randn(60, 40, generator=g, dtype=torch.float64)
+    G = A.t() @ A
+    X = torch.randn(5, 40, generator=g, dtype=torch.float64)
+    lam, V = torch.linalg.eigh(G)
+    cut, d = float(lam[30]), 7
+    x = 2 * lam / cut - 1
+    t = torch.where(x.abs() <= 1, torch.cos(d * torch.acos(x.clamp(-1, 1))), torch.cosh(d * torch.acosh(x.abs().clamp_min(1))))
+    want = X @ V @ torch.diag(t) @ V.t()
+    got = svd._chebyshev(G, X, X @ G, d, cut)
+    assert torch.allclose(got, want, rtol=1e-9, atol=1e-9 * float(want.abs().max()))
+
+
+def test_subspace_iteration_converges_in_a_few_filters(monkeypatch):
+    """A random (Marchenko-Pastur: flat-topped) layer needs few rounds, each a filter of the
+    degree its worst boundary asks for; the result matches float64."""
+    w = torch.randn(1024, 1024, generator=torch.Generator().manual_seed(12)) / 32
+    degrees = []
+    chebyshev = svd._chebyshev
+    monkeypatch.setattr(svd, "_chebyshev", lambda G, X, GX, d, c: degrees.append(d) or chebyshev(G, X, GX, d, c))
+    p, s, q, est = svd._subspace_top(w, 65, None, 0)
+    assert 1 <= len(degrees) <= 4 and sum(degrees) <= 60, degrees
+    u, sv, vh = torch.linalg.svd(w.double(), full_matrices=False)
+    for k in (1, 8, 32, 64):
+        allowed = max(2e-6, 0.5 * svd.predicted_fp32_error(sv, k))
+        assert rel((p[:, :k] * s[:k]) @ q[:k], (u[:, :k] * sv[:k]) @ vh[:k]) <= allowed, k
+
+
+def test_subspace_iteration_gives_up_on_a_rank_deficient_layer():
+    """Fewer nonzero singular values than the block: nothing above the cut to amplify, so it
+    reports no result and ``base_terms`` goes dense, exact."""
+    w = spectrum_matrix(900, 800, [3.0, 2.0, 1.0] + [0.5] * 60)
+    assert svd._subspace_top(w, 65, None, 0) is None
+    t = svd.base_terms(w, 64, method="subspace")
+    assert t.method.startswith("dense")
+    u, sv, vh = torch.linalg.svd(w.double(), full_matrices=False)
+    assert rel(prefix_products(t.p, t.lam, t.q, 3), (u[:, :3] * sv[:3]) @ vh[:3]) <= 2e-6
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("method", ["dense", "lanczos"])
+@pytest.mark.parametrize("method", ["dense", "lanczos", "subspace"])
 def test_random_weights_match_or_are_flagged(method, device):
     """Random (Marchenko-Pastur) weights: boundaries either match lycoris to 1e-5 or are flagged."""
     w = torch.randn(256, 256, generator=torch.Generator().manual_seed(5)) / 16
@@ -508,3 +552,14 @@ def test_inexact_or_missing_onednn_falls_back_to_plain_products(monkeypatch, req
     u, sv, vh = torch.linalg.svd(A.double(), full_matrices=False)
     for j in range(1, 9):
         assert rel(prefix_products(p, s, q, j), (u[:, :j] * sv[:j]) @ vh[:j]) <= max(float(est[j - 1]), 1e-6), j
+
+
+def test_vectorised_fp32_error_prediction_is_the_per_boundary_one():
+    """``predicted_fp32_errors`` (all boundaries at once) against the scalar definition, including
+    a tie (infinite) and a spectrum shorter than the boundaries asked for."""
+    s = torch.tensor([3.0, 2.5, 2.5, 1.0, 0.5], dtype=torch.float64)
+    got = svd.predicted_fp32_errors(s, 7)
+    assert got.shape == (5,)
+    for k in range(1, 6):
+        want = svd.predicted_fp32_error(s, k)
+        assert (math.isinf(want) and math.isinf(got[k - 1])) or math.isclose(float(got[k - 1]), want, rel_tol=1e-12), k
