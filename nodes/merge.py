@@ -4,10 +4,9 @@ Per-layer application (the hooks of ``nodes.patcher``) adds two thin matmuls per
 every model call. On a GPU those cost more than their FLOPs: at small sizes each is a kernel launch
 of a launch-bound run, at large ones each re-reads the layer's input and output (measured on an
 H100: 1.23x a merged LoRA at 64 image tokens, 1.05x at 4096). Here each adapted weight slice is
-set to ``W0 + s U[:, :k] D[:k]`` when the rank k changes (a few times per run, one GEMM per slice,
-always from a copy of W0 so that rounding never accumulates): the calls in between run at a merged
-LoRA's speed (H100, 4096 tokens: 1.03x instead of 1.05x; at 64 tokens no gain was measured). The
-cost is one more copy of the adapted weights on their device while a run lasts.
+set to ``W0 + s U[:, :k] D[:k]`` when the rank k changes (a few times per run, one GEMM per slice
+adding the new ranks; ``tlora_core.runtime.merge_prefix_``): the calls in between run at a merged
+LoRA's speed. The cost is one more copy of the adapted weights on their device while a run lasts.
 
 Only where that is possible and exact: plain float weights on the activations' device (not fp8,
 GGUF or offloaded to the CPU), a call whose whole batch has one rank, no other T-LoRA merging the
@@ -64,11 +63,12 @@ class MergedRun:
         if target != self.rank:
             w0 = self.slots[0][0]
             prepared = self.weights_for(w0.device, w0.dtype)
-            self.rank = -1  # unknown until every slice is written (restore() puts all back anyway)
+            carried, self.rank = self.rank, -1  # unknown until every slice is written (restore() puts all back anyway)
             with torch.no_grad():
                 for view, copy, entry in self.slots:
                     ad = entry.adapter
-                    rt.merge_prefix_(view, copy, prepared[entry.index], min(target, ad.rank) * ad.group, self.strength)
+                    rt.merge_prefix_(view, copy, prepared[entry.index], min(target, ad.rank) * ad.group, self.strength,
+                                     min(carried, ad.rank) * ad.group)
             self.rank = target
         return rank is not None
 

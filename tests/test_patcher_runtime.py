@@ -67,3 +67,20 @@ def test_per_sample_masks():
         assert torch.allclose(got[rows], want, atol=1e-5), i
     with pytest.raises(RuntimeError, match="not a multiple"):
         rt.add_lowrank_per_sample_(torch.zeros(4, 5, 12), x[:4], ad.down, ad.up, mask, 1.0)
+
+
+def test_merged_weight_follows_a_rank_sequence():
+    """``merge_prefix_`` over a run's rank sequence (growing, repeated, shrinking, off, back on):
+    at each step the weight is base + strength * delta_weight(r) (float64 reference), and the
+    shrinking and off steps recompute from the untouched copy exactly."""
+    ad = _ortho(out_f=24, in_f=20, R=6)
+    base = torch.randn(24, 20, generator=torch.Generator().manual_seed(3))
+    w, prepared, carried = base.clone(), rt.Prepared(ad.down, ad.up), 0
+    for r in (1, 3, 3, 6, 2, 0, 4):
+        rt.merge_prefix_(w, base, prepared, r * ad.group, 0.8, carried * ad.group)
+        carried = r
+        want = base.double() + 0.8 * ad.delta_weight(r).double()
+        assert torch.allclose(w.double(), want, atol=1e-5, rtol=0), r
+        if r in (2, 0):  # from the copy: exactly the one-GEMM result
+            exact = base.clone() if r == 0 else torch.addmm(base, ad.up[:, :r * ad.group], ad.down[:r * ad.group], alpha=0.8)
+            assert torch.equal(w, exact), r
