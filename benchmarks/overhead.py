@@ -248,6 +248,8 @@ def main(argv=None):
     for i in range(args.warmup + args.runs):
         for name in order[i % 3:] + order[:i % 3]:  # rotate who goes first
             mm.load_models_gpu([variants[name]])  # merge / restore the LoRA in place, untimed
+            if args.device == "cuda":
+                torch.cuda.synchronize()  # that work is queued asynchronously: none of it in the timed run
             time.sleep(args.settle)  # the same pause before every run (see --settle)
             gc.collect()  # no collection of the previous run's garbage inside a timed run
             gc.disable()
