@@ -77,7 +77,7 @@ def _assert_clean(m, runtime=None, base_sd=None):
     if base_sd is not None:
         sd = m.model.state_dict()
         assert sd.keys() == base_sd.keys()
-        assert all(torch.equal(sd[k], base_sd[k]) for k in base_sd)
+        assert all(torch.equal(sd[k].cpu(), base_sd[k].cpu()) for k in base_sd)
 
 
 # --- isolation and leaks ---------------------------------------------------------------------
