@@ -136,6 +136,22 @@ def test_subspace_iteration_converges_in_a_few_filters(monkeypatch):
         assert rel((p[:, :k] * s[:k]) @ q[:k], (u[:, :k] * sv[:k]) @ vh[:k]) <= allowed, k
 
 
+def test_filter_degree_and_gain():
+    """``_filter``: the degree asked for by the worst bound, capped by the spread between the
+    block's top and k-th directions, and log T_d(x_k) (finite for a cut near zero, where T_d itself
+    overflows a float)."""
+    theta = torch.tensor([4.0, 3.5, 3.2], dtype=torch.float64)
+    degree, log_gain = svd._filter(theta, 2, 1e4)
+    a_k = math.acosh(2 * 3.5 / 3.2 - 1)
+    assert degree == math.ceil(math.log(1e5) / a_k)
+    assert math.isclose(log_gain, math.log(math.cosh(degree * a_k)), rel_tol=1e-12)
+    steep = torch.tensor([1e6, 1.0, 0.5], dtype=torch.float64)  # the top would outgrow the k-th
+    assert svd._filter(steep, 2, 1e4)[0] == 2
+    degree, log_gain = svd._filter(torch.tensor([1.0, 0.5, 1e-300], dtype=torch.float64), 2, 1e4)
+    assert degree >= 2 and math.isfinite(log_gain) and log_gain > 600
+    assert svd._filter(torch.tensor([1.0, 0.5, 0.5], dtype=torch.float64), 2, 1e4) is None  # k-th not above the cut
+
+
 def test_subspace_iteration_gives_up_on_a_rank_deficient_layer():
     """Fewer nonzero singular values than the block: nothing above the cut to amplify, so it
     reports no result and ``base_terms`` goes dense, exact."""

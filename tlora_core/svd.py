@@ -384,7 +384,7 @@ def _subspace_top(weight, k, device, seed):
         if worst > STALLED * worst_before:
             return None  # the last filter did not work: not this method's case
         filt = _filter(theta, k, worst)
-        if filt is None or filt[1] ** left < worst:
+        if filt is None or filt[1] * left < math.log(worst):
             return None  # too slow to finish in the filters left (steep spectra: the cap on the degree)
         worst_before, degree = worst, filt[0]
         X = _orthonormal_rows(_chebyshev(G, X, GX, degree, float(theta[-1])))[0]
@@ -393,10 +393,11 @@ def _subspace_top(weight, k, device, seed):
 
 
 def _filter(theta: torch.Tensor, k: int, worst: float) -> Optional[tuple[int, float]]:
-    """``(degree, gain)`` of the next Chebyshev filter: the degree that shrinks the worst bound
+    """``(degree, log_gain)`` of the next Chebyshev filter: the degree that shrinks the worst bound
     (``worst`` x its target) ~10x more than needed, capped so that the block's top direction does
-    not outgrow its k-th by more than FILTER_SPREAD; ``gain`` = T_degree(x_k), what it shrinks the
-    k-th direction's error by. None where the k-th Ritz value is not above the cut."""
+    not outgrow its k-th by more than FILTER_SPREAD; ``log_gain`` = log T_degree(x_k), what it
+    shrinks the k-th direction's error by (in logs: T_d overflows a float for a tiny cut). None
+    where the k-th Ritz value is not above the cut."""
     cut = float(theta[-1])
     if not (cut > 0 and float(theta[k - 1]) > cut):
         return None
@@ -405,7 +406,8 @@ def _filter(theta: torch.Tensor, k: int, worst: float) -> Optional[tuple[int, fl
     need = math.ceil(math.log(10 * worst) / a_k)
     spread = int(math.log(FILTER_SPREAD) / max(a_1 - a_k, 1e-12))
     degree = max(2, min(need, spread, FILTER_MAX_DEGREE))
-    return degree, math.cosh(degree * a_k)
+    x = degree * a_k
+    return degree, x + math.log1p(math.exp(-2 * x)) - math.log(2)  # log cosh x
 
 
 def _chebyshev(G: torch.Tensor, X: torch.Tensor, GX: torch.Tensor, degree: int, cut: float) -> torch.Tensor:
