@@ -4,9 +4,9 @@ Per-layer application (the hooks of ``nodes.patcher``) adds two thin matmuls per
 every model call. On a GPU those cost more than their FLOPs: at small sizes each is a kernel launch
 of a launch-bound run, at large ones each re-reads the layer's input and output (measured on an
 H100: 1.17x a merged LoRA at 64 image tokens, 1.06x at 4096). Here each adapted weight slice is
-set to ``W0 + s U[:, :k] D[:k]`` when the rank k changes (a few times per run, one GEMM per slice
-adding the new ranks; ``tlora_core.runtime.merge_prefix_``): the calls in between run at a merged
-LoRA's speed. The cost is one more copy of the adapted weights on their device while a run lasts.
+set to ``W0 + s U[:, :k] D[:k]`` when the rank k changes (a few times per run, one GEMM per slice;
+``tlora_core.runtime.merge_prefix_``): the calls in between run at a merged LoRA's speed. The
+cost is one more copy of the adapted weights on their device while a run lasts.
 
 Only where that is possible and exact: plain float weights on the activations' device (not fp8,
 GGUF or offloaded to the CPU), a call whose whole batch has one rank, no other T-LoRA merging the

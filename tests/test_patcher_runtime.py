@@ -84,3 +84,18 @@ def test_merged_weight_follows_a_rank_sequence():
         if r in (2, 0):  # from the copy: exactly the one-GEMM result
             exact = base.clone() if r == 0 else torch.addmm(base, ad.up[:, :r * ad.group], ad.down[:r * ad.group], alpha=0.8)
             assert torch.equal(w, exact), r
+
+
+def test_half_precision_merges_always_round_once():
+    """In bf16 a growing rank is not added onto the weight (each sum would round at bf16): after
+    ranks 1, 3, 6 the weight is bit-equal to one merge from the copy, as ComfyUI's own merge of
+    the masked adapter would round it once."""
+    ad = _ortho(out_f=24, in_f=20, R=6)
+    base = torch.randn(24, 20, generator=torch.Generator().manual_seed(4)).bfloat16()
+    up, down = ad.up.bfloat16(), ad.down.bfloat16()
+    w, prepared, carried = base.clone(), rt.Prepared(down, up), 0
+    for r in (1, 3, 6):
+        rt.merge_prefix_(w, base, prepared, r * ad.group, 0.8, carried * ad.group)
+        carried = r
+    k = 6 * ad.group
+    assert torch.equal(w, torch.addmm(base, up[:, :k], down[:k], alpha=0.8))

@@ -120,14 +120,15 @@ def merge_prefix_(weight: torch.Tensor, base: torch.Tensor, prepared: Prepared, 
     ``weight += strength * up[:, carried:k] @ down[carried:k]``: one read and write of the weight
     and the new ranks' FLOPs, where recomputing from ``base`` reads it too and multiplies all k
     (measured on an H100 with the overhead benchmark's 340M adapted fp32 parameters: 2.2-2.4 ms
-    per rank change from ``base``, synchronised; 1.2 ms of kernel time per change added). The
-    weight then holds the rounding of a few sums, as a LoRA merged in steps would.
-    A shrinking rank is recomputed from ``base`` (no rounding carried over); ``prepared`` is in the
-    weight's dtype and device.
+    per rank change from ``base``, synchronised; 1.2 ms of kernel time per change added). An fp32
+    weight then holds the rounding of a few sums (~1e-7 relative each). In fp16 / bf16 each sum
+    would round at the weight's own precision (bf16: 2^-9), so those, and a shrinking rank, are
+    always recomputed from ``base``: one rounding, as ComfyUI's own LoRA merge. ``prepared`` is in
+    the weight's dtype and device.
     """
     if k == carried:
         return
-    if k > carried > 0:
+    if k > carried > 0 and weight.dtype == torch.float32:
         weight.addmm_(prepared.up[:, carried:k], prepared.down[carried:k], alpha=strength)
         return
     if k <= 0:
