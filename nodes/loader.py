@@ -73,8 +73,8 @@ class TLoraLoader(io.ComfyNode):
                 io.Combo.Input("apply", options=APPLY_MODES, default=APPLY_MODES[0], optional=True,
                                tooltip="per layer: the active ranks are added at each adapted layer's output (any "
                                        "weight format). merge: they are written into the weights for each sampling "
-                                       "run, rewritten when the rank changes and restored after it: a merged LoRA's "
-                                       "speed on a GPU, for one more copy of the adapted weights while sampling "
+                                       "run, rewritten when the rank changes and restored after it: on a GPU, closer to a "
+                                       "merged LoRA's speed, for one more copy of the adapted weights while sampling "
                                        "(plain float weights on the GPU; elsewhere it falls back to per layer)."),
                 TLoraScheduleType.Input("schedule", optional=True,
                                         tooltip="Overrides for the rank schedule (T-LoRA Schedule node). Without it, "
