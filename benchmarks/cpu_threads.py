@@ -1,7 +1,7 @@
 """The CPU thread choice of the runtime, A/B in one process: is one thread for the adapters right?
 
 On CPUs with <= 2 intra-op threads the runtime runs the adapters' skinny matmuls on one thread
-(``nodes.patcher.cpu_adapter_threads``). This benchmark samples, rotating the order each round:
+(``comfy_glue.hooks.cpu_adapter_threads``). This benchmark samples, rotating the order each round:
   merged        a plain rank-64 LoRA merged by ComfyUI's own loader (the reference);
   tlora_1       the pack's T-LoRA with its adapters on one thread (the default on such CPUs);
   tlora_torch   the same T-LoRA with torch's own thread setting (COMFYUI_TLORA_CPU_THREADS=0);
@@ -51,7 +51,7 @@ def main(argv=None):
 
     from devkit.tiny_models import flux_conditioning
 
-    patcher = host.pack_module("nodes.patcher")
+    patcher = host.pack_module("comfy_glue.patcher")
     sched = host.pack_module("tlora_core.schedule")
     _, merged, tl_model, targets, _ = overhead.build(args)
     tlora = patcher.apply_tlora(tl_model, targets, sched.Schedule(max_rank=args.rank, min_rank=1, alpha=1.0), 1.0,

@@ -83,8 +83,8 @@ def flop_floor(base_model, targets, sample_fn, rank):
     """(full-rank, active-rank) adapter FLOPs relative to the base model's, counted on real calls."""
     import torch
 
-    patcher = host.pack_module("nodes.patcher")
-    sampling = host.pack_module("nodes.sampling")
+    patcher = host.pack_module("comfy_glue.patcher")
+    sampling = host.pack_module("comfy_glue.timesteps")
     sched = host.pack_module("tlora_core.schedule")
     dm = base_model.model.diffusion_model
     by_module = {}
@@ -143,10 +143,11 @@ def runtime_share(tlora_model, sample_fn, patcher):
     adapter matmuls included; merge mode: the weight rewrites and restores), from one instrumented
     run: a noise-robust view of the overhead on a CPU (on a GPU it also counts waits for a full
     launch queue)."""
-    rt = patcher.tlora_runtimes(tlora_model)[0]
-    merge = host.pack_module("nodes.merge")
+    patch = patcher.tlora_patches(tlora_model)[0]
+    merge = host.pack_module("comfy_glue.merge")
+    hooks = host.pack_module("comfy_glue.hooks")
     spent = [0.0]
-    make_hook, state_for = rt._make_hook, rt._state_for
+    add, state_for = hooks.LayerHooks._add, patch._state_for
     set_rank, restore = merge.MergedRun.set_rank, merge.MergedRun.restore
 
     def timed(fn):
@@ -158,15 +159,16 @@ def runtime_share(tlora_model, sample_fn, patcher):
                 spent[0] += time.perf_counter() - t
         return run
 
-    rt._make_hook = lambda entries: timed(make_hook(entries))
-    rt._state_for = timed(state_for)
+    hooks.LayerHooks._add = timed(add)
+    patch._state_for = timed(state_for)
     merge.MergedRun.set_rank, merge.MergedRun.restore = timed(set_rank), timed(restore)
     try:
         t = time.perf_counter()
         sample_fn(tlora_model)
         total = time.perf_counter() - t
     finally:
-        del rt._make_hook, rt._state_for
+        hooks.LayerHooks._add = add
+        del patch._state_for
         merge.MergedRun.set_rank, merge.MergedRun.restore = set_rank, restore
     return spent[0] / total
 
@@ -197,7 +199,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
     p.add_argument("--apply", default="per-layer", choices=["per-layer", "merge"],
                    help="how the T-LoRA is applied (the Loader's 'apply' input): at each layer's output, or "
-                        "merged into the weights per run (nodes.merge)")
+                        "merged into the weights per run (comfy_glue.merge)")
     p.add_argument("--settle", type=float, default=5.0,
                    help="seconds to wait before each timed run: merging or restoring the LoRA allocates "
                         "and frees ~1.4 GB, and a VM that reports freed memory to its host does that "
@@ -220,7 +222,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     if args.device == "cuda" and mm.get_torch_device().type != "cuda":
         raise SystemExit("--device cuda: no CUDA device visible to ComfyUI")
-    patcher = host.pack_module("nodes.patcher")
+    patcher = host.pack_module("comfy_glue.patcher")
     sched = host.pack_module("tlora_core.schedule")
 
     t0 = time.perf_counter()
@@ -272,10 +274,11 @@ def main(argv=None):
     med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
     floor_full, floor_active = flop_floor(base, targets, sample, args.rank)
     share = runtime_share(tlora, sample, patcher)
-    rt = patcher.tlora_runtimes(tlora)[0]
-    cache_bytes = sum(c.down.numel() * c.down.element_size() + c.up.numel() * c.up.element_size() for c in rt._cache)
-    shared = all(c.down.data_ptr() == s[0].data_ptr() for c, s in zip(rt._cache, rt._sources))
-    adapter_bytes = sum(d.numel() * d.element_size() + u.numel() * u.element_size() for d, u in rt._sources)
+    patch = patcher.tlora_patches(tlora)[0]
+    copies = [c for _dtype, held in patch._copies.values() for c in held]
+    cache_bytes = sum(c.down.numel() * c.down.element_size() + c.up.numel() * c.up.element_size() for c in copies)
+    shared = all(c.down.data_ptr() == s[0].data_ptr() for c, s in zip(copies, patch._sources))
+    adapter_bytes = sum(d.numel() * d.element_size() + u.numel() * u.element_size() for d, u in patch._sources)
     adapter_bytes += 0 if shared else cache_bytes
     summary = {
         "device": str(mm.get_torch_device()),

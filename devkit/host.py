@@ -68,7 +68,7 @@ def import_pack():
 
 
 def pack_module(name: str):
-    """``pack_module("nodes.patcher")`` -> the module ``comfyui_tlora.nodes.patcher``."""
+    """``pack_module("comfy_glue.patcher")`` -> the module ``comfyui_tlora.nodes.patcher``."""
     import_pack()
     return importlib.import_module(f"{PACK_NAME}.{name}")
 

@@ -1,10 +1,11 @@
-"""ComfyUI glue: the nodes (thin) and the model patcher (the only code that knows sampler internals)."""
+"""The pack's nodes (thin: inputs, calls into ``comfy_glue`` and ``tlora_core``, outputs)."""
 
 from comfy_api.latest import ComfyExtension, io
 
 from .loader import TLoraLoader
+from .preview import TLoraSchedulePreview
 from .save import TLoraSaveSelfContained
-from .schedule import TLoraSchedule, TLoraSchedulePreview
+from .schedule import TLoraSchedule
 
 
 class TLoraExtension(ComfyExtension):

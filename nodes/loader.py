@@ -9,26 +9,11 @@ from comfy_api.latest import io
 
 import folder_paths
 
+from ..comfy_glue import binding, patcher
 from ..tlora_core import schedule as sched
 from ..tlora_core.formats import read_tlora
-from . import keymap, patcher
-from .schedule import CATEGORY, ScheduleOverrides, TLoraScheduleType
-
-
-def lora_path(lora_name: str) -> str:
-    """A file of ComfyUI's ``loras`` model folder(s) only: no other paths."""
-    if lora_name not in folder_paths.get_filename_list("loras"):
-        raise ValueError(f"T-LoRA Loader: {lora_name!r} is not in the loras model folder "
-                         f"({', '.join(folder_paths.get_folder_paths('loras'))})")
-    return folder_paths.get_full_path_or_raise("loras", lora_name)
-
-
-def check_lora_name(lora_name) -> bool | str:
-    """``validate_inputs`` of the nodes taking a ``lora_name``: checked when the prompt is queued
-    (ComfyUI does not check V3 combo values itself)."""
-    if lora_name is None or lora_name in folder_paths.get_filename_list("loras"):
-        return True
-    return f"{lora_name!r} is not a file of the loras model folder"
+from .inputs import CATEGORY, TLoraScheduleType, check_lora_name, lora_name_input, lora_path
+from .schedule import ScheduleOverrides
 
 
 def info_text(lora_name: str, tfile, bound, schedule: sched.Schedule, strength: float) -> str:
@@ -66,8 +51,7 @@ class TLoraLoader(io.ComfyNode):
             ),
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model the T-LoRA was trained on (SDXL, Flux, ...)."),
-                io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"),
-                               tooltip="The T-LoRA file, from the loras model folder. The format is detected."),
+                lora_name_input("The T-LoRA file, from the loras model folder. The format is detected."),
                 io.Float.Input("strength_model", default=1.0, min=-100.0, max=100.0, step=0.01,
                                tooltip="How strongly to apply the T-LoRA (0 = not at all, 1 = as trained)."),
                 io.Combo.Input("apply", options=APPLY_MODES, default=APPLY_MODES[0], optional=True,
@@ -110,8 +94,8 @@ class TLoraLoader(io.ComfyNode):
         if schedule is not None:
             effective = schedule.resolve(effective, lora_name)
         # raises, naming the file, when nothing fits this model; LyCORIS base terms are cached on disk in
-        # keymap's default place, <ComfyUI user dir>/tlora_cache ($COMFYUI_TLORA_CACHE overrides it)
-        bound = keymap.bind_tlora(model, tfile, cache_dir=None, progress=True)
+        # <ComfyUI user dir>/tlora_cache ($COMFYUI_TLORA_CACHE overrides it)
+        bound = binding.bind_tlora(model, tfile, cache_dir=None, progress=True)
         info = info_text(lora_name, tfile, bound, effective, strength_model)
         if strength_model == 0:
             info += "\nstrength 0: the model is left as it was"

@@ -12,12 +12,10 @@ import os
 
 from comfy_api.latest import io, ui
 
-import folder_paths
 
+from ..comfy_glue import binding
 from ..tlora_core.formats import SvdBaseTerms, read_tlora
-from . import keymap
-from .loader import check_lora_name, lora_path
-from .schedule import CATEGORY
+from .inputs import CATEGORY, check_lora_name, lora_name_input, lora_path
 
 SUFFIX = "_selfcontained"
 
@@ -52,8 +50,7 @@ class TLoraSaveSelfContained(io.ComfyNode):
             ),
             inputs=[
                 io.Model.Input("model", tooltip="The original (unquantized) model the T-LoRA was trained on."),
-                io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"),
-                               tooltip="The LyCORIS T-LoRA file, from the loras model folder."),
+                lora_name_input("The LyCORIS T-LoRA file, from the loras model folder."),
                 io.String.Input("filename", default="",
                                 tooltip=f"Name of the copy, saved next to the original. Empty: the original's name "
                                         f"with '{SUFFIX}'."),
@@ -84,8 +81,8 @@ class TLoraSaveSelfContained(io.ComfyNode):
         if not any(isinstance(m, SvdBaseTerms) for m in tfile.modules.values()):
             raise ValueError(f"T-LoRA Save Self-Contained: {lora_name} ({tfile.format}) is not a LyCORIS tlora file "
                              "without base terms: it needs no self-contained copy")
-        bound = keymap.bind_tlora(model, tfile, cache_dir=None, progress=True)  # cached SVDs are reused
-        keymap.save_self_contained(bound, dst)
+        bound = binding.bind_tlora(model, tfile, cache_dir=None, progress=True)  # cached SVDs are reused
+        binding.save_self_contained(bound, dst)
         text = (f"saved {name}: {len(bound.base_terms)} module(s) with their base terms"
                 + (f"; {len(bound.unmatched)} module(s) not on this model were copied without" if bound.unmatched else ""))
         return io.NodeOutput(name, ui=ui.PreviewText(text))

@@ -117,13 +117,20 @@ def reference_rank(model_sampling, sigma: float, R: int, r_min: int = 1, alpha: 
     return min(R, int(math.floor(u ** alpha * (R - r_min))) + r_min)
 
 
+def masked_up(adapter, active_rank: int) -> torch.Tensor:
+    """``up`` with the columns of inactive ranks zeroed: a plain LoRA equal to this mask."""
+    up = adapter.up.clone()
+    up[:, active_rank * adapter.group:] = 0
+    return up
+
+
 def lora_state_dict(placed: list[Placed], rank: Optional[int]) -> dict:
     """A plain LoRA equal to the adapters with ``rank`` ranks on (all if None): alpha = its rank, scale 1."""
     sd = {}
     for p in placed:
         ad = p.bound.adapter
         k = ad.rank if rank is None else min(rank, ad.rank)
-        sd[p.lora_name + ".lora_up.weight"] = ad.masked_up(k)
+        sd[p.lora_name + ".lora_up.weight"] = masked_up(ad, k)
         sd[p.lora_name + ".lora_down.weight"] = ad.down.clone()
         sd[p.lora_name + ".alpha"] = torch.tensor(float(ad.rank * ad.group))
     return sd

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # importlib import mode: make th
 import patcher_support as S  # noqa: E402
 from devkit.host import pack_module
 
-patcher = pack_module("nodes.patcher")
+patcher = pack_module("comfy_glue.patcher")
 sched = pack_module("tlora_core.schedule")
 adapter_mod = pack_module("tlora_core.adapter")
 

@@ -24,10 +24,10 @@ import patcher_support as S  # noqa: E402
 from devkit import tlora_files as tf  # noqa: E402
 from devkit.host import pack_module  # noqa: E402
 
-patcher = pack_module("nodes.patcher")
+patcher = pack_module("comfy_glue.patcher")
 sched = pack_module("tlora_core.schedule")
 formats = pack_module("tlora_core.formats")
-keymap = pack_module("nodes.keymap")
+keymap = pack_module("comfy_glue.binding")
 
 STRENGTH = 0.85
 TOL = 1e-3

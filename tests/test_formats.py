@@ -68,19 +68,20 @@ def test_lycoris_simpletuner_metadata(lyc_file):
         assert isinstance(mod, SvdBaseTerms)
         ly = lyc_file.modules[name]
         assert torch.equal(mod.q, ly.q_layer.weight.detach()) and torch.equal(mod.p, ly.p_layer.weight.detach())
-        assert mod.scale == pytest.approx(4 / 8) and mod.sig_type == "principal"
+        assert mod.alpha / mod.rank == pytest.approx(4 / 8) and mod.sig_type == "principal"
         assert name in f.lookup[name]
-    assert f.needs_base_weights
+    assert all(isinstance(m, SvdBaseTerms) for m in f.modules.values())
 
 
 def test_lycoris_completed_delta_is_lycoris_own(lyc_file):
-    """SvdBaseTerms.complete(W) == lycoris' get_diff_weight under each timestep mask."""
+    """SvdBaseTerms completed from W == lycoris' get_diff_weight under each timestep mask."""
     from lycoris.modules.tlora import clear_timestep_mask, set_timestep_mask
 
     f = formats.read_tlora(lyc_file.path)
     name = "lycoris_transformer_blocks_0_attn_to_out_0"
     ly = lyc_file.modules[name]
-    adapter = f.modules[name].complete(ly.org_weight)  # the base weight lycoris wrapped
+    mod = f.modules[name]
+    adapter = mod.complete_with(mod.base_terms(ly.org_weight))  # the base weight lycoris wrapped
     try:
         for k in range(0, 9):
             m = torch.zeros(1, 8)
@@ -163,7 +164,7 @@ def test_self_contained_copy_needs_no_svd(lyc_file, tmp_path):
     terms = {n: svd.base_terms(lyc_file.modules[n].org_weight, 8) for n in f.modules}
     dst = formats.write_self_contained(lyc_file.path, tmp_path / "copy.safetensors", terms, "test")
     g = formats.read_tlora(dst)
-    assert not g.needs_base_weights and "stored base terms" in g.format
+    assert not any(isinstance(m, SvdBaseTerms) for m in g.modules.values()) and "stored base terms" in g.format
     assert g.schedule == f.schedule  # same settings (metadata copied)
     for n, mod in f.modules.items():
         ref = mod.complete_with(terms[n])

@@ -1,4 +1,4 @@
-"""nodes.keymap.bind_tlora on tiny ComfyUI models (Flux- and SDXL-like) with real files.
+"""comfy_glue.binding.bind_tlora on tiny ComfyUI models (Flux- and SDXL-like) with real files.
 
 References are independent of the code under test: lycoris-lora's own TLoraModule (its fp32 SVD base
 buffers and get_diff_weight under set_timestep_mask) on a diffusers-named copy of the model, the
@@ -17,12 +17,13 @@ from devkit import tlora_files as tf
 from devkit.host import pack_module
 
 TOL = 1e-5
+base_cache = pack_module("comfy_glue.base_cache")
 
 
 @pytest.fixture(scope="module")
 def mods(comfy):
     return {
-        "keymap": pack_module("nodes.keymap"),
+        "keymap": pack_module("comfy_glue.binding"),
         "formats": pack_module("tlora_core.formats"),
         "svd": pack_module("tlora_core.svd"),
     }
@@ -154,16 +155,16 @@ def test_cache_key_is_the_exact_weight(mods, monkeypatch, hasher):
     and with the sha1 fallback of an install that skipped requirements.txt."""
     keymap = mods["keymap"]
     if hasher != "xxh3":
-        monkeypatch.setattr(keymap, "xxhash", None)
+        monkeypatch.setattr(base_cache, "xxhash", None)
     w = torch.randn(64, 48, generator=torch.Generator().manual_seed(0))
-    key = keymap._fingerprint(w)
-    assert len(key) >= 32 and keymap._fingerprint(w.clone()) == key
+    key = base_cache.fingerprint(w)
+    assert len(key) >= 32 and base_cache.fingerprint(w.clone()) == key
     nudged = w.clone()
     nudged[17, 5] = torch.nextafter(nudged[17, 5], torch.tensor(float("inf")))  # one ulp in one element
-    assert keymap._fingerprint(nudged) != key
-    assert keymap._fingerprint(w.reshape(48, 64)) != key  # same bytes, another shape
-    assert keymap._fingerprint(w.view(torch.int32)) != key  # same bytes, another dtype
-    assert keymap._fingerprint(w.t()) == keymap._fingerprint(w.t().contiguous()) != key
+    assert base_cache.fingerprint(nudged) != key
+    assert base_cache.fingerprint(w.reshape(48, 64)) != key  # same bytes, another shape
+    assert base_cache.fingerprint(w.view(torch.int32)) != key  # same bytes, another dtype
+    assert base_cache.fingerprint(w.t()) == base_cache.fingerprint(w.t().contiguous()) != key
     with_xxhash = hasher == "xxh3"
     assert (len(key) == 32) == with_xxhash and (len(key) == 40) == (not with_xxhash)
 

@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).parent))  # importlib import mode: make th
 import patcher_support as S  # noqa: E402
 from devkit.host import pack_module  # noqa: E402
 
-patcher = pack_module("nodes.patcher")
-merge_mod = pack_module("nodes.merge")
+patcher = pack_module("comfy_glue.patcher")
+merge_mod = pack_module("comfy_glue.merge")
 sched = pack_module("tlora_core.schedule")
 
 R = 8
@@ -58,9 +58,9 @@ def _unchanged(m, before):
 def _spy(monkeypatch):
     """Records the k of every weight rewrite and every hook attachment."""
     rewrites, attached = [], []
-    real_merge, real_attach = merge_mod.rt.merge_prefix_, patcher.TLoraRuntime._attach
+    real_merge, real_hooks = merge_mod.rt.merge_prefix_, patcher.LayerHooks
     monkeypatch.setattr(merge_mod.rt, "merge_prefix_", lambda *a: (rewrites.append(a[3]), real_merge(*a)))
-    monkeypatch.setattr(patcher.TLoraRuntime, "_attach", lambda self, dm: (attached.append(1), real_attach(self, dm))[1])
+    monkeypatch.setattr(patcher, "LayerHooks", lambda *a, **k: (attached.append(1), real_hooks(*a, **k))[1])
     return rewrites, attached
 
 
@@ -95,7 +95,7 @@ def test_a_call_with_mixed_ranks_gets_the_hooks_on_the_base_weights(flux, monkey
     rewrites, attached = _spy(monkeypatch)
     got = run(patcher.apply_tlora(m, targets, sched.Schedule(max_rank=R), 1.0, "mixed", merge=True))
     assert rewrites == [ranks[0]] * len(placed) + [0] * len(placed) + [ranks[1]] * len(placed)
-    assert len(attached) == 1  # hooks for the mixed call only
+    assert len(attached) == 1  # hooks from the mixed call on (the later merged call skips them)
     monkeypatch.undo()
     per_layer = run(patcher.apply_tlora(m, targets, sched.Schedule(max_rank=R), 1.0, "hooks"))
     assert S.rel_err(got, per_layer, run(m)) < 1e-4  # the same function, other rounding

@@ -13,7 +13,10 @@ from devkit.host import pack_module
 
 @pytest.fixture(scope="module")
 def nodes(comfy):
-    return pack_module("nodes.schedule")
+    """The schedule and preview nodes' modules, as one namespace."""
+    import types
+
+    return types.SimpleNamespace(**{**vars(pack_module("nodes.schedule")), **vars(pack_module("nodes.preview"))})
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +96,7 @@ def test_preview_ranks_per_step_sdxl_and_flux(nodes, core, tiny_sdxl, tiny_flux)
 
 
 def test_preview_chart_draws_the_ranks(nodes):
-    chart = pack_module("nodes.chart")
+    chart = pack_module("tlora_core.chart")
     ranks = [1, 1, 2, 4, 8, 12, 16]
     img = (chart.rank_chart([chart.Series("s", ranks, 16)], title="t")[0].numpy() * 255).round().astype(int)
     color = np.array(chart.PALETTE[0])
@@ -129,7 +132,7 @@ def test_preview_needs_something_to_chart(nodes, tiny_sdxl):
 def _with_tlora(model, name, schedule, strength=1.0):
     """``model`` with a small T-LoRA really attached by the runtime (one adapter on one attention layer)."""
     adapter = pack_module("tlora_core.adapter")
-    patcher = pack_module("nodes.patcher")
+    patcher = pack_module("comfy_glue.patcher")
     path = "middle_block.1.transformer_blocks.0.attn1.to_q"
     layer = model.get_model_object("diffusion_model").get_submodule(path)
     gen = torch.Generator().manual_seed(0)

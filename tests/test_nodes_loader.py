@@ -23,7 +23,11 @@ def loras(comfy, tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def nodes(comfy):
-    return pack_module("nodes.loader"), pack_module("nodes.schedule")
+    """(the loader's module, the schedule and preview nodes' modules as one namespace)."""
+    import types
+
+    return pack_module("nodes.loader"), types.SimpleNamespace(**{**vars(pack_module("nodes.schedule")),
+                                                                 **vars(pack_module("nodes.preview"))})
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +144,7 @@ def test_save_node_writes_a_copy_that_loads_without_svd(nodes, loras, lycoris_fi
     """The copy is in the loras folder under the name the node returns; the Loader reads it with no
     SVD at all and attaches the very same adapters as from the original."""
     save = pack_module("nodes.save").TLoraSaveSelfContained
-    keymap, svd = pack_module("nodes.keymap"), pack_module("tlora_core.svd")
+    keymap, svd = pack_module("comfy_glue.binding"), pack_module("tlora_core.svd")
     name = put(loras, lycoris_file, "st.safetensors")
     out = save.execute(tiny_flux, name, "", False)
     assert out.args == ("st_selfcontained.safetensors",)
@@ -153,8 +157,8 @@ def test_save_node_writes_a_copy_that_loads_without_svd(nodes, loras, lycoris_fi
     monkeypatch.setattr(svd, "base_terms", no_svd)
     copy, info = load(nodes, tiny_flux, "st_selfcontained.safetensors")
     assert "with stored base terms" in info
-    patcher = pack_module("nodes.patcher")
-    (a,), (b,) = patcher.tlora_runtimes(original), patcher.tlora_runtimes(copy)
+    patcher = pack_module("comfy_glue.patcher")
+    (a,), (b,) = patcher.tlora_patches(original), patcher.tlora_patches(copy)
     assert (a.schedule.min_rank, a.schedule.alpha) == (b.schedule.min_rank, b.schedule.alpha) == (2, 1.5)
 
     def adapters(runtime):

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # importlib import mode: make th
 import patcher_support as S  # noqa: E402
 from devkit.host import pack_module  # noqa: E402
 
-patcher = pack_module("nodes.patcher")
+patcher = pack_module("comfy_glue.patcher")
 sched = pack_module("tlora_core.schedule")
 
 R = 8
@@ -72,8 +72,7 @@ def _rank_fn(m, R_=R, r_min=1, alpha=1.0):
 def _assert_clean(m, runtime=None, base_sd=None):
     assert S.hooks_left(m) == 0
     if runtime is not None:
-        assert runtime._state is None and runtime._attached == {} and runtime._run_sampling == []
-        assert runtime._merge_runs == [] and pack_module("nodes.merge")._MERGING == {}
+        assert runtime.runs == [] and pack_module("comfy_glue.merge")._MERGING == {}
     if base_sd is not None:
         sd = m.model.state_dict()
         assert sd.keys() == base_sd.keys()
@@ -81,20 +80,21 @@ def _assert_clean(m, runtime=None, base_sd=None):
 
 
 # --- isolation and leaks ---------------------------------------------------------------------
-def test_input_untouched_clone_shares_runtime(flux):
+def test_input_untouched_clone_shares_the_patch(flux):
     m, placed, _ = flux
     before = dict(m.model_options)
     tl = patcher.apply_tlora(m, [p.bound for p in placed], _schedule(), 1.0, "iso")
     assert tl is not m and tl.model is m.model
     assert m.model_options.keys() == before.keys() and "model_function_wrapper" not in m.model_options
-    assert patcher.tlora_runtimes(m) == []
-    (rt,) = patcher.tlora_runtimes(tl)
-    assert tl.model_options["model_function_wrapper"] is rt
-    assert (rt.name, rt.strength, rt.schedule) == ("iso", 1.0, _schedule())
-    # ComfyUI deep-copies model_options on every clone: the runtime (and its tensors) is shared
+    assert patcher.tlora_patches(m) == []
+    (patch,) = patcher.tlora_patches(tl)
+    wrapper = tl.model_options["model_function_wrapper"]
+    assert wrapper.patch is patch and (patch.name, patch.strength, patch.schedule) == ("iso", 1.0, _schedule())
+    # ComfyUI (before 0.28) deep-copies model_options on every clone: the patch (and its tensors) is shared
     c = tl.clone()
-    assert c.model_options["model_function_wrapper"] is rt and patcher.tlora_runtimes(c) == [rt]
-    assert copy.deepcopy(rt) is rt and rt.to(torch.device("cpu")) is rt and rt.to(torch.float16) is rt
+    assert c.model_options["model_function_wrapper"].patch is patch and patcher.tlora_patches(c) == [patch]
+    assert copy.deepcopy(wrapper).patch is patch
+    assert wrapper.to(torch.device("cpu")) is wrapper and wrapper.to(torch.float16) is wrapper
 
 
 @pytest.mark.parametrize("merge", [False, True], ids=["per-layer", "merge"])
@@ -112,7 +112,7 @@ def test_leak_free_after_finish_error_and_interrupt(flux, merge):
     tl = patcher.apply_tlora(m, targets, _schedule(), 1.0, "finish", merge=merge)
     out = _sample(tl, cond)
     assert not torch.equal(out, base_out)
-    _assert_clean(m, patcher.tlora_runtimes(tl)[0], base_sd)
+    _assert_clean(m, patcher.tlora_patches(tl)[0], base_sd)
 
     # an error raised inside a model call (a foreign wrapper under ours)
     calls = []
@@ -134,7 +134,7 @@ def test_leak_free_after_finish_error_and_interrupt(flux, merge):
     tl2 = patcher.apply_tlora(m2, targets, _schedule(), 1.0, "error", merge=merge)
     with pytest.raises(RuntimeError, match="boom"):
         _sample(tl2, cond)
-    _assert_clean(m, patcher.tlora_runtimes(tl2)[0], base_sd)
+    _assert_clean(m, patcher.tlora_patches(tl2)[0], base_sd)
 
     # ComfyUI's interrupt: flagged at step 1, raised by the next op inside the diffusion model
     def interrupt(step, x0, x, total):
@@ -147,7 +147,7 @@ def test_leak_free_after_finish_error_and_interrupt(flux, merge):
             _sample(tl3, cond, callback=interrupt)
     finally:
         mm.interrupt_current_processing(False)
-    _assert_clean(m, patcher.tlora_runtimes(tl3)[0], base_sd)
+    _assert_clean(m, patcher.tlora_patches(tl3)[0], base_sd)
 
     assert torch.equal(_sample(m, cond), base_out)  # bit-identical to never loading it
 
@@ -184,7 +184,7 @@ def test_two_tloras_with_different_schedules_stack(flux):
                 model = patcher.apply_tlora(model, [p.bound for p in placed], sa, 0.9, "A")
             else:
                 model = patcher.apply_tlora(model, [p.bound for p in b_placed], sb, -0.7, "B")
-        assert len(patcher.tlora_runtimes(model)) == 2
+        assert len(patcher.tlora_patches(model)) == 2
         pos, neg = cond
         for sigma in SIGMAS:
             ref_m = S.comfy_merge(S.comfy_merge(m, S.lora_state_dict(placed, ra(sigma)), 0.9),
@@ -282,7 +282,7 @@ def test_per_sample_masks_when_a_call_carries_several_sigmas(flux):
                "c": {k: (v[i:i + 1] if torch.is_tensor(v) else v) for k, v in args["c"].items()}}
         ref = _apply(S.comfy_merge(m, S.lora_state_dict(placed, rank(s))), one)
         assert S.rel_err(got[i:i + 1], ref, base[i:i + 1]) < TOL, s
-    _assert_clean(m, patcher.tlora_runtimes(tl)[0])
+    _assert_clean(m, patcher.tlora_patches(tl)[0])
 
 
 def test_outside_sampling_adds_nothing_and_warns_once(flux, caplog):
@@ -382,19 +382,21 @@ def test_adapters_cached_once_per_device_dtype_without_copies(flux):
     _cpu_only()
     m, placed, cond = flux
     tl = patcher.apply_tlora(m, [p.bound for p in placed], _schedule(), 1.0, "cache")
-    rt = patcher.tlora_runtimes(tl)[0]
+    patch = patcher.tlora_patches(tl)[0]
     _sample(tl, cond, steps=1)
+    cpu = torch.device("cpu")
     # fp32 on the CPU: the file's tensors are used as they are, no copy
-    assert rt._cache_key == (torch.device("cpu"), torch.float32)
-    for c, p in zip(rt._cache, placed):
+    (held,) = patch._copies.items()
+    assert held[0] == cpu and held[1][0] == torch.float32
+    for c, p in zip(held[1][1], placed):
         assert c.down.data_ptr() == p.bound.adapter.down.data_ptr() and c.up.data_ptr() == p.bound.adapter.up.data_ptr()
-    # another activation dtype: one converted copy replaces the cache (never one per call)
+    # another activation dtype: one converted copy replaces that device's (never one per call)
     with torch.inference_mode():  # as in ComfyUI's executor; the copies must stay usable outside it
-        w = rt._weights(torch.device("cpu"), torch.bfloat16)
-    assert rt._weights(torch.device("cpu"), torch.bfloat16) is w and all(c.down.dtype == torch.bfloat16 for c in w)
+        w = patch.adapters_on(cpu, torch.bfloat16)
+    assert patch.adapters_on(cpu, torch.bfloat16) is w and all(c.down.dtype == torch.bfloat16 for c in w)
     assert not any(c.down.is_inference() or c.up.is_inference() for c in w)
     src = sum(p.bound.adapter.down.numel() + p.bound.adapter.up.numel() for p in placed)
-    assert sum(c.down.numel() + c.up.numel() for c in rt._cache) == src
+    assert len(patch._copies) == 1 and sum(c.down.numel() + c.up.numel() for c in patch._copies[cpu][1]) == src
 
 
 def test_adapters_follow_the_model_to_its_load_device(flux):
@@ -403,24 +405,25 @@ def test_adapters_follow_the_model_to_its_load_device(flux):
     sampling run does keeps them; an unload frees them. ('meta' stands in for a GPU here.)"""
     m, placed, cond = flux
     tl = patcher.apply_tlora(m, [p.bound for p in placed], _schedule(), 1.0, "follow")
-    rt = patcher.tlora_runtimes(tl)[0]
+    patch = patcher.tlora_patches(tl)[0]
     meta = torch.device("meta")
+    tl.load_device = meta  # as the model of a GPU would be
     tl.model_patches_to(meta)
     tl.model_patches_to(torch.float16)
-    assert rt._cache_key == (meta, torch.float16)
-    cached = rt._cache
+    assert list(patch._copies) == [meta] and patch._copies[meta][0] == torch.float16
+    cached = patch._copies[meta][1]
     assert [(c.down.device, c.down.dtype, c.down.shape, c.up.shape) for c in cached] == \
         [(meta, torch.float16, p.bound.adapter.down.shape, p.bound.adapter.up.shape) for p in placed]
-    assert rt._weights(meta, torch.float16) is cached  # what the first call finds: no copy
+    assert patch.adapters_on(meta, torch.float16) is cached  # what the first call finds: no copy
     tl.detach(unpatch_all=False)  # a run's reload of the same model: offloaded patches, weights stay
     tl.model_patches_to(meta)
     tl.model_patches_to(torch.float16)
-    assert rt._cache is cached
+    assert patch._copies[meta][1] is cached
     tl.detach(unpatch_all=True)  # unloaded
-    assert rt._cache_key is None and rt._cache == []
+    assert patch._copies == {}
     tl.model_patches_to(meta)
     tl.model_patches_to(torch.float8_e4m3fn)  # fp8 storage: the compute dtype is not known yet
-    assert rt._cache_key is None
+    assert patch._copies == {}
 
 
 def test_cpu_adapter_threads_policy_and_restore(flux, monkeypatch):
@@ -456,6 +459,6 @@ def test_cpu_adapter_threads_policy_and_restore(flux, monkeypatch):
         with pytest.raises(RuntimeError, match="inside the adapter"):
             _sample(tl, cond, steps=1)
         assert torch.get_num_threads() == 2
-        _assert_clean(m, patcher.tlora_runtimes(tl)[0])
+        _assert_clean(m, patcher.tlora_patches(tl)[0])
     finally:
         torch.set_num_threads(before)

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # importlib import mode: make th
 import patcher_support as S  # noqa: E402
 from devkit.host import pack_module  # noqa: E402
 
-patcher = pack_module("nodes.patcher")
+patcher = pack_module("comfy_glue.patcher")
 sched = pack_module("tlora_core.schedule")
 
 R = 8
@@ -77,7 +77,7 @@ def _swap_in_reference(m, placed, mode, r_min, alpha):
             for p in placed:
                 w = dm.get_submodule(p.bound.module).weight
                 ad = p.bound.adapter
-                delta = ad.masked_up(r) @ ad.down
+                delta = S.masked_up(ad, r) @ ad.down
                 target = w if p.bound.out_slice is None else w.narrow(0, *p.bound.out_slice)
                 saved.append((w, w.clone()))
                 target.add_(STRENGTH * delta.to(device=w.device, dtype=w.dtype))
@@ -101,6 +101,13 @@ def _sample(model, cond, latent, sampler, cfg=2.5):
     return comfy.sample.sample(model, noise, STEPS, cfg, sampler, "simple", pos, neg, latent, disable_pbar=True, seed=0)
 
 
+def _current_ranks(model):
+    """The ranks the model's T-LoRA set for the call in progress (None where it set none)."""
+    (patch,) = patcher.tlora_patches(model)
+    state = patch.runs[-1].layers_for(model.model.diffusion_model).state
+    return list(state.ranks) if hasattr(state, "ranks") else None
+
+
 CASES = [
     ("flux", "euler", sched.TIMESTEP), ("flux", "heun", sched.TIMESTEP), ("flux", "dpm_2", sched.TIMESTEP),
     ("sdxl", "euler", sched.TIMESTEP), ("sdxl", "heun", sched.TIMESTEP), ("sdxl", "dpm_2", sched.TIMESTEP),
@@ -120,7 +127,7 @@ def test_every_call_gets_its_rank_and_the_run_matches_the_reference(models, mode
     holder = {}
 
     def spy(apply_model, args):
-        ranks = patcher.current_ranks(holder["model"])["run"]
+        ranks = _current_ranks(holder["model"])
         calls.append((args["timestep"].reshape(-1).tolist(), ranks, args["c"]["transformer_options"]))
         return apply_model(args["input"], args["timestep"], **args["c"])
 
@@ -166,7 +173,7 @@ MERGE_CASES = [("flux", "euler", sched.TIMESTEP), ("flux", "dpm_2", sched.TIMEST
 def test_merge_mode_run_matches_the_reference_and_restores_the_weights(models, model_name, sampler, mode, monkeypatch):
     """Merge mode: the same run as the swap-in reference, with the weights rewritten only where the
     rank changes (never per call, no hooks), and bit-exactly restored afterwards."""
-    merge_mod = pack_module("nodes.merge")
+    merge_mod = pack_module("comfy_glue.merge")
     m, placed, cond, latent = models[model_name]
     r_min, alpha = (2, 1.5) if mode == sched.STEP_INDEX else (1, 1.0)
     ms = m.model.model_sampling
@@ -178,9 +185,9 @@ def test_merge_mode_run_matches_the_reference_and_restores_the_weights(models, m
         call_ranks.append(_expected_rank(ms, args["timestep"].reshape(-1)[0], to, mode, r_min, alpha))
         return apply_model(args["input"], args["timestep"], **args["c"])
 
-    real_merge, real_attach = merge_mod.rt.merge_prefix_, patcher.TLoraRuntime._attach
+    real_merge, real_hooks = merge_mod.rt.merge_prefix_, patcher.LayerHooks
     monkeypatch.setattr(merge_mod.rt, "merge_prefix_", lambda *a: (rewrites.append(a[3]), real_merge(*a)))
-    monkeypatch.setattr(patcher.TLoraRuntime, "_attach", lambda self, dm: (attached.append(1), real_attach(self, dm))[1])
+    monkeypatch.setattr(patcher, "LayerHooks", lambda *a, **k: (attached.append(1), real_hooks(*a, **k))[1])
     spied = m.clone()
     spied.set_model_unet_function_wrapper(spy)
     tl = patcher.apply_tlora(spied, [p.bound for p in placed],

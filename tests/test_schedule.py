@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from devkit.host import ROOT, pack_module
 
 sched = pack_module("tlora_core.schedule")
+runtime = pack_module("tlora_core.runtime")
 
 ranks = st.integers(1, 256)
 alphas = st.floats(0.05, 8.0, allow_nan=False, allow_infinity=False)
@@ -50,7 +51,8 @@ def test_rank_is_lycoris_compute_timestep_mask(s, data):
 
     t = data.draw(st.integers(0, s.max_timestep))
     ref = compute_timestep_mask(t, s.max_timestep, s.max_rank, s.min_rank, s.alpha)
-    mask = sched.rank_mask(sched.rank_at_timestep(t, s), s.max_rank)
+    mask = runtime.prefix_mask([sched.rank_at_timestep(t, s)], 1)
+    mask = torch.cat([mask, mask.new_zeros(1, s.max_rank - mask.shape[1])], 1)
     assert torch.equal(mask, ref)
 
 
@@ -87,11 +89,11 @@ def test_float_timestep_when_not_truncated():
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.integers(0, 64), min_size=1, max_size=8))
 def test_masks_are_prefixes(rs):
-    m = sched.rank_mask(rs, 64)
-    assert m.shape == (len(rs), 64)
+    m = runtime.prefix_mask(rs, 2)  # 2 columns per rank (ortho / LyCORIS adapters)
+    assert m.shape == (len(rs), 2 * max(rs))
     for row, r in zip(m, rs):
-        assert row.sum().item() == r and (r == 0 or row[:r].min() == 1) and (r == 64 or row[r:].max() == 0)
-    assert sched.rank_mask(5, 8).shape == (1, 8)
+        k = 2 * r
+        assert row.sum().item() == k and (k == 0 or row[:k].min() == 1) and (k == m.shape[1] or row[k:].max() == 0)
 
 
 @settings(max_examples=200, deadline=None)
@@ -118,8 +120,16 @@ def test_step_index_schedule_is_the_formula_in_step_units():
     assert sched.rank_at_step(0, n, s) == 2
 
 
+def markdown_rank_table(alphas=(0.5, 1.0, 2.0), timesteps=(0, 250, 500, 750, 999)) -> str:
+    """README's rank table (R = 64, min_rank 1, T = 1000), from ``rank_at_timestep``."""
+    head = "| alpha | " + " | ".join(f"t={t:g}" for t in timesteps) + " |"
+    rows = [f"| {a:g} | " + " | ".join(str(r) for _, r in sched.rank_table(sched.Schedule(max_rank=64, alpha=a), timesteps))
+            + " |" for a in alphas]
+    return "\n".join([head, "|---|" + "---|" * len(timesteps)] + rows)
+
+
 def test_seed_table_was_wrong_and_readme_table_is_generated():
-    table = sched.markdown_rank_table()
+    table = markdown_rank_table()
     assert "| 2 | 64 | 36 | 16 | 4 | 1 |" in table  # not the seeds' 64, 60, 48, 20, 1
     assert "| 0.5 | 64 | 55 | 45 | 32 | 2 |" in table  # not the seeds' 64, 55, 46, 33, 1
     readme = (ROOT / "README.md").read_text()

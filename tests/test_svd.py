@@ -17,6 +17,12 @@ import torch
 from devkit.host import pack_module
 
 svd = pack_module("tlora_core.svd")
+# the parts tested on their own; a test that patches a name patches the module that looks it up
+accuracy = pack_module("tlora_core.svd.accuracy")
+cpu_kernels = pack_module("tlora_core.svd.cpu_kernels")
+lanczos = pack_module("tlora_core.svd.lanczos")
+products = pack_module("tlora_core.svd.products")
+subspace = pack_module("tlora_core.svd.subspace")
 TOL = 1e-5
 # the GPU path (cuBLAS / cuSOLVER, TF32 kept off) where a GPU is there
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))]
@@ -107,7 +113,7 @@ def test_gpu_layers_take_the_subspace_path():
 
 
 def test_chebyshev_filter_is_the_polynomial_of_the_gram_matrix():
-    """``_chebyshev`` against T_d evaluated on G's eigenvalues (cos / cosh closed forms), float64."""
+    """``subspace.chebyshev`` against T_d evaluated on G's eigenvalues (cos / cosh closed forms), float64."""
     g = torch.Generator().manual_seed(11)
     A = torch.randn(60, 40, generator=g, dtype=torch.float64)
     G = A.t() @ A
@@ -117,7 +123,7 @@ def test_chebyshev_filter_is_the_polynomial_of_the_gram_matrix():
     x = 2 * lam / cut - 1
     t = torch.where(x.abs() <= 1, torch.cos(d * torch.acos(x.clamp(-1, 1))), torch.cosh(d * torch.acosh(x.abs().clamp_min(1))))
     want = X @ V @ torch.diag(t) @ V.t()
-    got = svd._chebyshev(G, X, X @ G, d, cut)
+    got = subspace.chebyshev(G, X, X @ G, d, cut)
     assert torch.allclose(got, want, rtol=1e-9, atol=1e-9 * float(want.abs().max()))
 
 
@@ -126,9 +132,9 @@ def test_subspace_iteration_converges_in_a_few_filters(monkeypatch):
     degree its worst boundary asks for; the result matches float64."""
     w = torch.randn(1024, 1024, generator=torch.Generator().manual_seed(12)) / 32
     degrees = []
-    chebyshev = svd._chebyshev
-    monkeypatch.setattr(svd, "_chebyshev", lambda G, X, GX, d, c: degrees.append(d) or chebyshev(G, X, GX, d, c))
-    p, s, q, est = svd._subspace_top(w, 65, None, 0)
+    chebyshev = subspace.chebyshev
+    monkeypatch.setattr(subspace, "chebyshev", lambda G, X, GX, d, c: degrees.append(d) or chebyshev(G, X, GX, d, c))
+    p, s, q, est = subspace.top_triplets(w, 65, None, 0)
     assert 1 <= len(degrees) <= 4 and sum(degrees) <= 60, degrees
     u, sv, vh = torch.linalg.svd(w.double(), full_matrices=False)
     for k in (1, 8, 32, 64):
@@ -137,26 +143,27 @@ def test_subspace_iteration_converges_in_a_few_filters(monkeypatch):
 
 
 def test_filter_degree_and_gain():
-    """``_filter``: the degree asked for by the worst bound, capped by the spread between the
-    block's top and k-th directions, and log T_d(x_k) (finite for a cut near zero, where T_d itself
-    overflows a float)."""
+    """``subspace.filter_degree``: the degree asked for by the worst bound, capped by the spread
+    between the block's top and k-th directions, and log T_d(x_k) (finite for a cut near zero, where
+    T_d itself overflows a float)."""
     theta = torch.tensor([4.0, 3.5, 3.2], dtype=torch.float64)
-    degree, log_gain = svd._filter(theta, 2, 1e4)
+    degree, log_gain = subspace.filter_degree(theta, 2, 1e4)
     a_k = math.acosh(2 * 3.5 / 3.2 - 1)
     assert degree == math.ceil(math.log(1e5) / a_k)
     assert math.isclose(log_gain, math.log(math.cosh(degree * a_k)), rel_tol=1e-12)
     steep = torch.tensor([1e6, 1.0, 0.5], dtype=torch.float64)  # the top would outgrow the k-th
-    assert svd._filter(steep, 2, 1e4)[0] == 2
-    degree, log_gain = svd._filter(torch.tensor([1.0, 0.5, 1e-300], dtype=torch.float64), 2, 1e4)
+    assert subspace.filter_degree(steep, 2, 1e4)[0] == 2
+    degree, log_gain = subspace.filter_degree(torch.tensor([1.0, 0.5, 1e-300], dtype=torch.float64), 2, 1e4)
     assert degree >= 2 and math.isfinite(log_gain) and log_gain > 600
-    assert svd._filter(torch.tensor([1.0, 0.5, 0.5], dtype=torch.float64), 2, 1e4) is None  # k-th not above the cut
+    flat = torch.tensor([1.0, 0.5, 0.5], dtype=torch.float64)
+    assert subspace.filter_degree(flat, 2, 1e4) is None  # k-th not above the cut
 
 
 def test_subspace_iteration_gives_up_on_a_rank_deficient_layer():
     """Fewer nonzero singular values than the block: nothing above the cut to amplify, so it
     reports no result and ``base_terms`` goes dense, exact."""
     w = spectrum_matrix(900, 800, [3.0, 2.0, 1.0] + [0.5] * 60)
-    assert svd._subspace_top(w, 65, None, 0) is None
+    assert subspace.top_triplets(w, 65, None, 0) is None
     t = svd.base_terms(w, 64, method="subspace")
     assert t.method.startswith("dense")
     u, sv, vh = torch.linalg.svd(w.double(), full_matrices=False)
@@ -194,8 +201,8 @@ def test_flagging_rule_is_the_fp32_perturbation_bound():
     s = torch.tensor([1.0, 0.5, 0.5 - 1e-3, 0.1], dtype=torch.float64)
     # k=1: gap 0.5; k=3: gap 0.4: far above eps32-level; k=2: gap 1e-3 of s1: ~1e-4 error expected
     assert svd.ill_conditioned_boundaries(s, 3) == [2]
-    bound = svd.EPS32 * 1.0 * 0.5 / (1e-3 * float(torch.tensor([1.0, 0.5]).norm()))
-    assert svd.predicted_fp32_error(s, 2) == pytest.approx(svd.FP32_SVD_FLOOR + svd.FP32_SVD_C * bound)
+    bound = accuracy.EPS32 * 1.0 * 0.5 / (1e-3 * float(torch.tensor([1.0, 0.5]).norm()))
+    assert svd.predicted_fp32_error(s, 2) == pytest.approx(accuracy.FP32_SVD_FLOOR + accuracy.FP32_SVD_C * bound)
 
 
 def test_flagging_is_calibrated_against_fp32_svds():
@@ -242,7 +249,7 @@ def test_weight_is_converted_once_or_in_chunks(monkeypatch):
     """Peak extra memory ~ one fp32 weight: a bf16 weight gets at most one whole fp32 copy (Lanczos'
     products), and its float64 conversions (the certification) go a row-chunk at a time."""
     w = decaying(2048, 128).to(torch.bfloat16)
-    monkeypatch.setattr(svd, "_CHUNK_ELEMS", 128 * 256)
+    monkeypatch.setattr(products, "CHUNK_ELEMS", 128 * 256)
     copies = []  # (dtype, elements) of every converted copy, made by conversion or into a buffer
     for name in ("to", "float", "double"):
         orig = getattr(torch.Tensor, name)
@@ -276,12 +283,12 @@ def test_row_chunks_convert_either_layout_exactly(monkeypatch, wide):
     """Streamed conversion of A's rows, for A = W (tall) and A = W^T (a wide weight, read a block
     of W's columns at a time): every row exactly once, exactly converted, in buffers of the chunk
     size."""
-    monkeypatch.setattr(svd, "_CHUNK_ELEMS", 40 * 7)
+    monkeypatch.setattr(products, "CHUNK_ELEMS", 40 * 7)
     w = torch.randn(96, 40, generator=torch.Generator().manual_seed(6))
     A = w.t().contiguous().t() if wide else w  # same values; A = W^T with W row-major when wide
     assert (A.stride(0) == 1) == wide
     seen = torch.zeros(96, dtype=torch.int64)
-    for rows, chunk in svd._row_chunks(A, torch.float64):
+    for rows, chunk in products.row_chunks(A, torch.float64):
         assert chunk.dtype == torch.float64 and chunk.shape == (rows.stop - rows.start, 40)
         assert rows.stop - rows.start <= 7
         assert torch.equal(chunk, w[rows].double())
@@ -325,7 +332,7 @@ def test_scipy_blas_runs_on_one_thread_inside_the_ritz_checks(monkeypatch):
     before = blas_threads()
     with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):
         h = torch.randn(40, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-        theta, _ = svd._top_eigh(h + h.t(), 3)
+        theta, _ = lanczos.top_eigh(h + h.t(), 3)
         inside_after = blas_threads()
     assert seen == [{1}]
     assert inside_after == {2}
@@ -338,14 +345,14 @@ def test_next_check_is_placed_where_the_accelerating_bound_meets_the_targets():
     target against Krylov size) reaches a 2x margin: whole blocks, at least one, at most 1/3 more."""
     np = pytest.importorskip("numpy")
     b, misses = 16, [(352, 4.28), (464, 3.78), (608, 2.22)]  # a random 3072-wide layer (measured)
-    grow = (608 // svd.CHECK_GROWTH) // b * b
-    assert svd._next_check_in(misses[:2], 608, b) == grow  # too few points: geometric growth
-    step = svd._next_check_in(misses, 608, b)
+    grow = (608 // lanczos.CHECK_GROWTH) // b * b
+    assert lanczos.next_check_in(misses[:2], 608, b) == grow  # too few points: geometric growth
+    step = lanczos.next_check_in(misses, 608, b)
     assert step % b == 0 and b <= step < grow
     fit = np.poly1d(np.polyfit([x for x, _ in misses], [y for _, y in misses], 2))
     assert fit(608 + step) <= math.log10(0.5) < fit(608 + step - b)
-    assert svd._next_check_in([(352, 2.0), (464, 2.5), (608, 3.0)], 608, b) == grow  # not converging
-    assert svd._next_check_in([(352, math.inf), (464, math.inf), (608, math.inf)], 608, b) == grow
+    assert lanczos.next_check_in([(352, 2.0), (464, 2.5), (608, 3.0)], 608, b) == grow  # not converging
+    assert lanczos.next_check_in([(352, math.inf), (464, math.inf), (608, math.inf)], 608, b) == grow
 
 
 @pytest.mark.parametrize("case", ["random square", "random tall", "random tall, shift-invert", "random wide",
@@ -361,7 +368,7 @@ def test_error_estimate_bounds_the_true_error_at_every_boundary(case, device):
          "random wide": lambda: (torch.rand(384, 1536, generator=g) * 2 - 1) / 20,
          "decaying": lambda: decaying(768, 768)}[case]()
     k = 33
-    p, s, q, est = (t.cpu() for t in svd._lanczos_top(w, k, torch.device(device), 0,
+    p, s, q, est = (t.cpu() for t in lanczos.top_triplets(w, k, torch.device(device), 0,
                                                       shift_invert=True if "shift" in case else None))
     u, sv, vh = torch.linalg.svd(w.double(), full_matrices=False)
     for j in range(1, k):
@@ -375,32 +382,32 @@ def test_float32_checks_only_measure_the_distance_float64_decides(monkeypatch):
     """A check after a miss by >1000x runs its eigh in float32 (2x faster): it only has to say how
     far the Ritz pairs still are. Stopping is always decided in float64: the first and the final
     check are float64, and a float32 check that looks converged is redone in float64 at once."""
-    calls, orig = [], svd._top_eigh
+    calls, orig = [], lanczos.top_eigh
 
     def spy(h, n, rough=False):
         calls.append((h.shape[0], rough))
         return orig(h, n, rough)
 
-    monkeypatch.setattr(svd, "_top_eigh", spy)
+    monkeypatch.setattr(lanczos, "top_eigh", spy)
     g = torch.Generator().manual_seed(3)
     torch.rand(1024, 1024, generator=g)
     w = (torch.rand(1536, 1536, generator=g) * 2 - 1) / 1536 ** 0.5
-    p, s, q, est = svd._lanczos_top(w, 65, None, 0)
+    p, s, q, est = lanczos.top_triplets(w, 65, None, 0)
     assert calls[0][1] is False and calls[-1][1] is False
     assert any(rough for _, rough in calls)
     assert calls[-2:] == [(calls[-1][0], True), (calls[-1][0], False)]  # a rough pass, confirmed
-    assert bool((est <= svd._targets(s.cpu(), 65)).all())
+    assert bool((est <= accuracy.targets(s.cpu(), 65)).all())
 
 
 def _shift_invert_spy(monkeypatch):
-    made, orig = [], svd._ShiftInvert.above.__func__
+    made, orig = [], lanczos.ShiftInvert.above.__func__
 
     def spy(cls, *a, **kw):
         out = orig(cls, *a, **kw)
         made.append(out)
         return out
 
-    monkeypatch.setattr(svd._ShiftInvert, "above", classmethod(spy))
+    monkeypatch.setattr(lanczos.ShiftInvert, "above", classmethod(spy))
     return made
 
 
@@ -410,60 +417,61 @@ def test_a_flat_topped_gram_restarts_on_its_shifted_inverse(monkeypatch):
     certification agrees (no refinement pass), and the result must be exact against a float64 SVD.
     A decaying spectrum keeps plain products with G."""
     made = _shift_invert_spy(monkeypatch)
-    passes, orig_times = [], svd._times_both_rows
-    monkeypatch.setattr(svd, "_times_both_rows", lambda A, Q: passes.append(1) or orig_times(A, Q))
-    sizes, orig_eigh = [], svd._top_eigh
-    monkeypatch.setattr(svd, "_top_eigh", lambda h, n, rough=False: sizes.append(h.shape[0]) or orig_eigh(h, n, rough))
+    passes, orig_times = [], products.times_both_rows
+    monkeypatch.setattr(products, "times_both_rows", lambda A, Q: passes.append(1) or orig_times(A, Q))
+    sizes, orig_eigh = [], lanczos.top_eigh
+    monkeypatch.setattr(lanczos, "top_eigh",
+                        lambda h, n, rough=False: sizes.append(h.shape[0]) or orig_eigh(h, n, rough))
     g = torch.Generator().manual_seed(5)
     w = (torch.rand(4096, 1024, generator=g) * 2 - 1) / 64
     k = 33
-    svd._lanczos_top(w, k, None, 0, shift_invert=False)
+    lanczos.top_triplets(w, k, None, 0, shift_invert=False)
     plain_size = sizes[-1]
-    p, s, q, est = svd._lanczos_top(w, k, None, 0)
+    p, s, q, est = lanczos.top_triplets(w, k, None, 0)
     assert len(made) == 1 and made[0] is not None and len(passes) == 2
     assert sizes[-1] <= 0.6 * plain_size  # the point of it: far fewer Krylov vectors (measured 256 / 528)
     u, sv, vh = torch.linalg.svd(w.double(), full_matrices=False)
     assert made[0].sigma > float(sv[0]) ** 2  # above G's top (Cholesky proved it)
-    assert bool((est <= svd._targets(s.cpu(), k)).all())
+    assert bool((est <= accuracy.targets(s.cpu(), k)).all())
     for j in range(1, k):
         assert rel(prefix_products(p, s, q, j), (u[:, :j] * sv[:j]) @ vh[:j]) <= float(est[j - 1]), j
 
     made.clear()
-    svd._lanczos_top(decaying(4096, 1024, decay=0.99), k, None, 0)
+    lanczos.top_triplets(decaying(4096, 1024, decay=0.99), k, None, 0)
     assert made == []
 
 
 def test_a_failed_factorisation_restarts_plain_once(monkeypatch):
     """Where no sigma above the top is found (here: the top estimate handed over is a quarter of
     the truth, so every Cholesky fails), Lanczos restarts with plain products, once, and is exact."""
-    calls, orig = [], svd._ShiftInvert.above.__func__
+    calls, orig = [], lanczos.ShiftInvert.above.__func__
 
     def low_top(cls, G, top, res, **kw):
         out = orig(cls, G, top / 4, 0.0, **kw)
         calls.append(out)
         return out
 
-    monkeypatch.setattr(svd._ShiftInvert, "above", classmethod(low_top))
+    monkeypatch.setattr(lanczos.ShiftInvert, "above", classmethod(low_top))
     g = torch.Generator().manual_seed(5)
     w = (torch.rand(4096, 1024, generator=g) * 2 - 1) / 64
     k = 33
-    p, s, q, est = svd._lanczos_top(w, k, None, 0)
+    p, s, q, est = lanczos.top_triplets(w, k, None, 0)
     assert calls == [None]
-    assert bool((est <= svd._targets(s.cpu(), k)).all())
+    assert bool((est <= accuracy.targets(s.cpu(), k)).all())
     u, sv, vh = torch.linalg.svd(w.double(), full_matrices=False)
     for j in range(1, k):
         assert rel(prefix_products(p, s, q, j), (u[:, :j] * sv[:j]) @ vh[:j]) <= float(est[j - 1]), j
 
 
 def test_shift_invert_operator_against_dense_float64():
-    """``_ShiftInvert``: sigma above G's top eigenvalue, ``solve`` inverts sigma I - G, ``eigen``
+    """``lanczos.ShiftInvert``: sigma above G's top eigenvalue, ``solve`` inverts sigma I - G, ``eigen``
     gives G's Ritz values and residual norms; all against float64 dense algebra."""
     g = torch.Generator().manual_seed(2)
     A = torch.randn(600, 200, generator=g) / 600 ** 0.5
     G = A.t() @ A
     Gd = G.double()
     lam = torch.linalg.eigvalsh(Gd)
-    op = svd._ShiftInvert.above(G, 0.999 * float(lam[-1]), 0.0)
+    op = lanczos.ShiftInvert.above(G, 0.999 * float(lam[-1]), 0.0)
     assert op is not None and op.sigma > float(lam[-1])
     shifted = op.sigma * torch.eye(200, dtype=torch.float64) - Gd
     X = torch.linalg.qr(torch.randn(200, 16, generator=g, dtype=torch.float64))[0].t().float()
@@ -478,13 +486,13 @@ def test_shift_invert_operator_against_dense_float64():
     dense = (C.t() @ X.double() @ shifted).norm(dim=1) / mu
     assert torch.allclose(res, dense, rtol=1e-5)
 
-    assert svd._ShiftInvert.above(G, 0.2 * float(lam[-1]), 0.0) is None  # cannot get above the top
+    assert lanczos.ShiftInvert.above(G, 0.2 * float(lam[-1]), 0.0) is None  # cannot get above the top
 
 
 @pytest.mark.parametrize("kappa", [1.0, 1e3, 1e6, 1e12])
 def test_block_orthonormalisation_is_exact_to_its_dtype(monkeypatch, kappa):
-    """``_orthonormal_rows``: X = R^T Q with orthonormal rows Q, against float64 algebra; an fp32
-    block is factored once where well conditioned (kappa(X X^T) <= 1e4), twice otherwise."""
+    """``products.orthonormal_rows``: X = R^T Q with orthonormal rows Q, against float64 algebra; an
+    fp32 block is factored once where well conditioned (kappa(X X^T) <= 1e4), twice otherwise."""
     g = torch.Generator().manual_seed(3)
     u = torch.linalg.qr(torch.randn(16, 16, generator=g, dtype=torch.float64))[0]
     v = torch.linalg.qr(torch.randn(3000, 16, generator=g, dtype=torch.float64))[0]
@@ -492,8 +500,8 @@ def test_block_orthonormalisation_is_exact_to_its_dtype(monkeypatch, kappa):
     factorisations = []
     real = torch.linalg.cholesky_ex
     monkeypatch.setattr(torch.linalg, "cholesky_ex", lambda *a, **k: factorisations.append(1) or real(*a, **k))
-    Q, R = svd._orthonormal_rows(X)
-    assert len(factorisations) == (1 if kappa <= svd.ONE_PASS_MAX_KAPPA else 2)
+    Q, R = products.orthonormal_rows(X)
+    assert len(factorisations) == (1 if kappa <= products.ONE_PASS_MAX_KAPPA else 2)
     assert Q.dtype == torch.float32 and R.dtype == torch.float64
     Qd = Q.double()
     assert (Qd @ Qd.t() - torch.eye(16, dtype=torch.float64)).abs().max() < 1e-6
@@ -517,10 +525,10 @@ def test_reordered_onednn_products_are_full_fp32(shape):
     g = torch.Generator().manual_seed(3)
     A = torch.randn(*shape, generator=g) / shape[0] ** 0.5
     X = torch.randn(16, shape[1], generator=g)
-    packed = svd._onednn_times_ata(A, 16)
+    packed = cpu_kernels.onednn_times_ata(A, 16)
     assert packed is not None
     assert rel(packed(X).double(), _plain_ata(A, X)) < 1e-6
-    assert rel(svd._times_ata(A, 16, copy_ok=True)(X).double(), _plain_ata(A, X)) < 1e-6
+    assert rel(cpu_kernels.times_ata(A, 16, copy_ok=True)(X).double(), _plain_ata(A, X)) < 1e-6
 
 
 def test_other_cpus_keep_their_blas(monkeypatch):
@@ -528,11 +536,11 @@ def test_other_cpus_keep_their_blas(monkeypatch):
     may use Accelerate or OpenBLAS) Lanczos keeps plain products, and stays exact."""
     monkeypatch.setattr(platform, "machine", lambda: "arm64")
     asked = []
-    monkeypatch.setattr(svd, "_onednn_times_ata", lambda *a: asked.append(a))
+    monkeypatch.setattr(cpu_kernels, "onednn_times_ata", lambda *a: asked.append(a))
     g = torch.Generator().manual_seed(4)
     A = torch.randn(600, 384, generator=g) / 600 ** 0.5
     X = torch.randn(16, 384, generator=g)
-    assert rel(svd._times_ata(A, 16, copy_ok=True)(X).double(), _plain_ata(A, X)) < 1e-6
+    assert rel(cpu_kernels.times_ata(A, 16, copy_ok=True)(X).double(), _plain_ata(A, X)) < 1e-6
     assert asked == []
 
 
@@ -557,14 +565,14 @@ def test_inexact_or_missing_onednn_falls_back_to_plain_products(monkeypatch, req
     uses plain products, and the base terms stay exact against a float64 SVD."""
     real = torch.ops.mkldnn
     monkeypatch.setattr(torch.ops, "mkldnn", ops(real) if ops is _ReducedPrecisionOneDNN else ops())
-    svd._onednn_is_fp32.cache_clear()  # checked once per math setting: check this build again
-    request.addfinalizer(svd._onednn_is_fp32.cache_clear)
+    cpu_kernels.onednn_is_fp32.cache_clear()  # checked once per math setting: check this build again
+    request.addfinalizer(cpu_kernels.onednn_is_fp32.cache_clear)
     g = torch.Generator().manual_seed(4)
     A = torch.randn(600, 384, generator=g) / 600 ** 0.5
     X = torch.randn(16, 384, generator=g)
-    assert svd._onednn_times_ata(A, 16) is None
-    assert rel(svd._times_ata(A, 16, copy_ok=True)(X).double(), _plain_ata(A, X)) < 1e-6
-    p, s, q, est = svd._lanczos_top(A, 9, None, 0)
+    assert cpu_kernels.onednn_times_ata(A, 16) is None
+    assert rel(cpu_kernels.times_ata(A, 16, copy_ok=True)(X).double(), _plain_ata(A, X)) < 1e-6
+    p, s, q, est = lanczos.top_triplets(A, 9, None, 0)
     u, sv, vh = torch.linalg.svd(A.double(), full_matrices=False)
     for j in range(1, 9):
         assert rel(prefix_products(p, s, q, j), (u[:, :j] * sv[:j]) @ vh[:j]) <= max(float(est[j - 1]), 1e-6), j

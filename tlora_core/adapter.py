@@ -49,13 +49,6 @@ class LowRankAdapter:
         k = self.rank * self.group if active_rank is None else active_rank * self.group
         return self.up[:, :k].float() @ self.down[:k].float()
 
-    def masked_up(self, active_rank: int) -> torch.Tensor:
-        """``up`` with the columns of inactive ranks zeroed: a plain LoRA equal to this mask."""
-        k = active_rank * self.group
-        up = self.up.clone()
-        up[:, k:] = 0
-        return up
-
 
 def plain(name: str, up: torch.Tensor, down: torch.Tensor, scale: float | torch.Tensor = 1.0) -> LowRankAdapter:
     """A vanilla T-LoRA: delta = scale * up diag(m) down.

@@ -120,26 +120,6 @@ def ranks_for_sigmas_by_step(sigmas: Iterable[float], sample_sigmas: Sequence[fl
     return [rank_at_step(step_index(float(s), sample_sigmas), n, schedule) for s in sigmas]
 
 
-def rank_mask(ranks: Sequence[int] | int, max_rank: int, dtype=torch.float32, device=None) -> torch.Tensor:
-    """Binary prefix mask(s): shape (1, R) for one rank, (B, R) for a sequence of ranks."""
-    if isinstance(ranks, int):
-        ranks = [ranks]
-    r = torch.tensor(list(ranks), device=device).unsqueeze(1)
-    return (torch.arange(max_rank, device=device).unsqueeze(0) < r).to(dtype)
-
-
 def rank_table(schedule: Schedule, timesteps: Sequence[float] = (0, 250, 500, 750, 999)) -> list[tuple[float, int]]:
     """(t, active rank) pairs, e.g. for the README table and the node's info text."""
     return [(t, rank_at_timestep(t, schedule)) for t in timesteps]
-
-
-def markdown_rank_table(alphas: Sequence[float] = (0.5, 1.0, 2.0), max_rank: int = 64, min_rank: int = 1,
-                        timesteps: Sequence[float] = (0, 250, 500, 750, 999), max_timestep: int = 1000) -> str:
-    """The README's rank table, generated from ``rank_at_timestep`` (so the docs cannot drift)."""
-    head = "| alpha | " + " | ".join(f"t={t:g}" for t in timesteps) + " |"
-    sep = "|---|" + "---|" * len(timesteps)
-    rows = []
-    for a in alphas:
-        s = Schedule(max_rank=max_rank, min_rank=min_rank, alpha=a, max_timestep=max_timestep)
-        rows.append(f"| {a:g} | " + " | ".join(str(r) for _, r in rank_table(s, timesteps)) + " |")
-    return "\n".join([head, sep] + rows)

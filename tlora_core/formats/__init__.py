@@ -1,10 +1,9 @@
 """Every trainer's T-LoRA file, detected automatically: ``read_tlora(path) -> TLoRAFile``.
 
-Readers (one per trainer): ``lycoris`` (SimpleTuner / lycoris-lora ``tlora``), ``official``
-(ControlGenAI SDXL processors and Flux ``lora.pt``), ``flux_trainer`` (the seed-002 standalone
-Flux trainer), ``kohya`` (``lora_down``/``lora_up`` with ``ss_tlora_*`` metadata). All return the one
-representation of ``tlora_core.adapter`` (or, for LyCORIS, ``SvdBaseTerms`` to be completed from the
-model's base weights) and the training settings they found, with their sources.
+One reader per trainer, tried in the order of ``READERS``: each has ``detect(tensors, metadata)``
+and ``read(path, tensors, metadata, assume_tlora)``, and returns the one representation of
+``tlora_core.adapter`` (or, for LyCORIS, modules completed later from the model's base weights)
+with the training settings it found and where it found them.
 
 Everything is checked before anything is patched: unreadable, truncated or unsafe files, NaN/Inf
 tensors, rank/shape mismatches, plain LoRAs without a schedule (-> ComfyUI's LoraLoader).
@@ -15,26 +14,21 @@ from __future__ import annotations
 import os
 
 from . import flux_trainer, kohya, lycoris, official
-from .base import (LORA_LOADER_HINT, SvdBaseTerms, TLoRAFile, TLoRAFormatError, check_finite, load_state_dict,
-                   lookup_dotted, lookup_underscored)
+from .errors import LORA_LOADER_HINT, TLoRAFormatError
+from .loading import check_finite, load_state_dict
+from .lycoris import SvdBaseTerms, write_self_contained
+from .tlora_file import TLoRAFile
 
 __all__ = ["read_tlora", "detect_format", "TLoRAFile", "TLoRAFormatError", "SvdBaseTerms", "load_state_dict",
-           "write_self_contained"]
+           "write_self_contained", "READERS"]
 
-write_self_contained = lycoris.write_self_contained
+# the first reader whose detect() accepts a file reads it: more specific layouts come first
+READERS = {"lycoris": lycoris, "official": official, "kohya": kohya, "flux_trainer": flux_trainer}
 
 
 def detect_format(tensors: dict, metadata: dict) -> str | None:
-    """'lycoris' | 'official' | 'flux_trainer' | 'kohya' | None."""
-    if lycoris.detect(tensors, metadata):
-        return "lycoris"
-    if official.detect(tensors, metadata):
-        return "official"
-    if kohya.detect(tensors, metadata):
-        return "kohya"
-    if flux_trainer.detect(tensors, metadata):
-        return "flux_trainer"
-    return None
+    """The key of the reader for these tensors in ``READERS``, or None."""
+    return next((name for name, reader in READERS.items() if reader.detect(tensors, metadata)), None)
 
 
 def _not_tlora_reason(tensors: dict) -> str:
@@ -64,12 +58,4 @@ def read_tlora(path, assume_tlora: bool = False) -> TLoRAFile:
     fmt = detect_format(tensors, metadata)
     if fmt is None:
         raise TLoRAFormatError(path, _not_tlora_reason(tensors))
-    if fmt == "lycoris":
-        tfile = lycoris.read(path, tensors, metadata)
-    elif fmt == "official":
-        tfile = official.read(path, tensors, metadata, assume_tlora)
-    elif fmt == "kohya":
-        tfile = kohya.read(path, tensors, metadata)
-    else:
-        tfile = flux_trainer.read(path, tensors, metadata, assume_tlora)
-    return tfile
+    return READERS[fmt].read(path, tensors, metadata, assume_tlora)

@@ -20,9 +20,12 @@ import re
 
 from .. import adapter as ad
 from ..schedule import STEP_INDEX
-from .base import (TLoRAFile, TLoRAFormatError, _read_settings_file, down_up, finish_schedule, first_number,
-                   lookup_dotted, module_names_sample, sidecar_label)
+from .errors import LORA_LOADER_HINT, TLoRAFormatError
+from .keys import pair
+from .names import dotted
 from .official import KEY as OFFICIAL_KEY
+from .settings import first_number, read_settings_file, sidecar_label
+from .tlora_file import TLoRAFile, finish
 
 TERMS = ("down.weight", "up.weight", "q_layer.weight", "p_layer.weight", "lambda_layer", "base_q", "base_p",
          "base_lambda", "base_q.weight", "base_p.weight", "base.weight", "base.bias")
@@ -55,7 +58,7 @@ def find_config(path: str):
     d = os.path.dirname(os.path.abspath(path))
     for _ in range(3):
         for c in sorted(glob.glob(os.path.join(d, "*.yaml")) + glob.glob(os.path.join(d, "*.yml"))):
-            data = _read_settings_file(c)
+            data = read_settings_file(c)
             if data and any(k in data for k in YAML_KEYS):
                 return c, data
         d = os.path.dirname(d)
@@ -75,8 +78,8 @@ def read(path: str, tensors: dict, metadata: dict, assume_tlora: bool = False) -
         if not assume_tlora and not any("lambda_layer" in g for g in groups.values()):
             raise TLoRAFormatError(path, "down/up weights in diffusers module paths but no trainer config with a rank "
                                          "schedule (a YAML with lora_rank / min_rank beside the file or up to two "
-                                         "folders up): put the training YAML beside it. A plain LoRA: load it with "
-                                         "ComfyUI's own LoraLoader (Load LoRA) instead")
+                                         "folders up): put the training YAML beside it. A plain LoRA: "
+                                         + LORA_LOADER_HINT)
         notes.append("no trainer YAML found: lora_alpha = rank (scale 1), schedule defaults min_rank 1, alpha 1.0")
         data, label = {}, None
     else:
@@ -89,7 +92,7 @@ def read(path: str, tensors: dict, metadata: dict, assume_tlora: bool = False) -
     base_linear = [m for m, g in groups.items() if "base.weight" in g]
     for mod, g in sorted(groups.items()):
         if "down.weight" in g or "up.weight" in g:
-            down, up = down_up(path, mod, g)
+            down, up = pair(path, mod, g)
             r = down.shape[0]
             kind = "vanilla"
         elif "q_layer.weight" in g:
@@ -114,18 +117,17 @@ def read(path: str, tensors: dict, metadata: dict, assume_tlora: bool = False) -
                                         g["base_lambda"], bq, scale)
         except ValueError as e:
             raise TLoRAFormatError(path, f"module {mod}: {e}") from None
-        lookup[mod] = lookup_dotted(mod)
+        lookup[mod] = dotted(mod)
     if base_linear:
         notes.append(f"{len(base_linear)} frozen base layer copies in the file ignored (the model's own weights are used)")
     if not modules:
         raise TLoRAFormatError(path, "no usable T-LoRA module in this file")
     kinds = {m.group for m in modules.values()}
     variant = {1: "vanilla", 2: "ortho"}[next(iter(kinds))] if len(kinds) == 1 else "mixed"
-    R = max(m.rank for m in modules.values())
-    schedule = finish_schedule(R, found, notes)
-    schedule = schedule.with_overrides("seed-002 trainer inference (step index)", mode=STEP_INDEX)
+    tfile = finish(path, f"seed-002 Flux trainer ({variant})", modules, found, notes, lookup, metadata,
+                   "seed-002 trainer inference (step index)", mode=STEP_INDEX)
     if data.get("enable_rank_masking") is False:
         notes.append(f"{label} says enable_rank_masking: false: trained with every rank on, so it is applied at "
                      "full rank on every step")
-        schedule = schedule.with_overrides(label, min_rank=R)
-    return TLoRAFile(path, f"seed-002 Flux trainer ({variant})", R, modules, schedule, notes, lookup, dict(metadata))
+        tfile.schedule = tfile.schedule.with_overrides(label, min_rank=tfile.rank)
+    return tfile

@@ -10,8 +10,13 @@ from __future__ import annotations
 
 from .. import adapter as ad
 from ..schedule import TIMESTEP
-from .base import (LORA_LOADER_HINT, TLoRAFile, TLoRAFormatError, find_sidecars, finish_schedule, first_number,
-                   group_keys, lookup_underscored, module_names_sample, sidecar_label)
+from .errors import LORA_LOADER_HINT, TLoRAFormatError
+from .keys import group_keys
+from .names import underscored
+from .settings import find_sidecars, first_number, sidecar_label
+from .tlora_file import TLoRAFile, finish, note_skipped
+
+NAME = "kohya-style LoRA with T-LoRA schedule"
 
 SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha", "dora_scale")
 TE_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "lora_te3_")
@@ -28,7 +33,7 @@ def _settings(d: dict) -> dict:
             "max_timestep": first_number(d, "ss_tlora_max_timestep", "tlora_max_timestep", kind=int)}
 
 
-def read(path: str, tensors: dict, metadata: dict) -> TLoRAFile:
+def read(path: str, tensors: dict, metadata: dict, assume_tlora: bool = False) -> TLoRAFile:
     notes: list[str] = []
     found = []
     for sc_path, data in find_sidecars(path):
@@ -62,16 +67,9 @@ def read(path: str, tensors: dict, metadata: dict) -> TLoRAFile:
             raise TLoRAFormatError(path, f"module {name} is DoRA (dora_scale): not supported by the T-LoRA loader")
         alpha = float(g["alpha"]) if "alpha" in g else float(r)
         modules[name] = ad.plain(name, up, down, alpha / r)
-        lookup[name] = lookup_underscored(name)
-    if te:
-        notes.append(f"{len(te)} text-encoder module(s) skipped (the schedule acts on the diffusion model): "
-                     f"{module_names_sample(te)}")
-    if conv:
-        notes.append(f"{len(conv)} convolution module(s) skipped (linear layers only): {module_names_sample(conv)}")
+        lookup[name] = underscored(name)
+    note_skipped(notes, te, conv)
     if not modules:
         raise TLoRAFormatError(path, "no usable diffusion-model module")
-    R = max(m.rank for m in modules.values())
-    schedule = finish_schedule(R, found, notes)
-    schedule = schedule.with_overrides("kohya convention (integer timestep)", mode=TIMESTEP, truncate_timestep=True)
-    return TLoRAFile(path, "kohya-style LoRA with T-LoRA schedule", R, modules, schedule, notes, lookup,
-                     dict(metadata))
+    return finish(path, NAME, modules, found, notes, lookup, metadata, "kohya convention (integer timestep)",
+                  mode=TIMESTEP, truncate_timestep=True)

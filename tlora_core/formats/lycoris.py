@@ -16,13 +16,18 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 
 import torch
 
 from .. import adapter as ad
+from .. import svd
 from ..schedule import TIMESTEP
-from .base import (LORA_LOADER_HINT, SvdBaseTerms, TLoRAFile, TLoRAFormatError, find_sidecars, finish_schedule,
-                   first_number, group_keys, lookup_underscored, module_names_sample, sidecar_label)
+from .errors import TLoRAFormatError
+from .keys import group_keys, sample_names
+from .names import UNDERSCORED_PREFIXES, underscored
+from .settings import find_sidecars, first_number, sidecar_label
+from .tlora_file import TLoRAFile, finish, note_skipped
 
 NAME = "LyCORIS tlora (SimpleTuner / lycoris-lora)"
 SUFFIXES = ("q_layer.weight", "p_layer.weight", "lambda_layer", "alpha", "base_q", "base_p", "base_lambda")
@@ -34,6 +39,43 @@ CONFIG_KEYS = ("algo", "linear_dim", "linear_alpha", "tlora_min_rank", "tlora_al
 TEXT_ENCODER_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "lycoris_te_")
 
 
+@dataclass
+class SvdBaseTerms:
+    """A LyCORIS ``tlora`` module whose base terms must be rebuilt from the model's base weight.
+
+    delta = (alpha / r) (P diag(lambda m) Q - P0 diag(lambda0 m) Q0), with (P0, lambda0, Q0) the
+    top-r singular triplets of the base weight (lycoris-lora's ``sig_type`` choice).
+    """
+
+    name: str
+    p: torch.Tensor  # (out, r)
+    lam: torch.Tensor  # (r,)
+    q: torch.Tensor  # (r, in)
+    alpha: float
+    sig_type: str = "principal"
+
+    @property
+    def rank(self) -> int:
+        return self.q.shape[0]
+
+    @property
+    def out_features(self) -> int:
+        return self.p.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.q.shape[1]
+
+    def base_terms(self, base_weight: torch.Tensor, device=None) -> svd.BaseTerms:
+        if tuple(base_weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"{self.name}: base weight {tuple(base_weight.shape)} does not match the adapter "
+                             f"({self.out_features} out x {self.in_features} in)")
+        return svd.base_terms(base_weight, self.rank, self.sig_type, device=device)
+
+    def complete_with(self, terms: svd.BaseTerms) -> ad.LowRankAdapter:
+        return ad.ortho(self.name, self.p, self.lam, self.q, terms.p, terms.lam, terms.q, scale=self.alpha / self.rank)
+
+
 def detect(tensors: dict, metadata: dict) -> bool:
     return any(k.endswith(".lambda_layer") and "." not in k[: -len(".lambda_layer")] for k in tensors)
 
@@ -41,7 +83,7 @@ def detect(tensors: dict, metadata: dict) -> bool:
 def describe_other(tensors: dict) -> str | None:
     """The LyCORIS algorithm of a file without ``tlora`` modules, if it looks like one."""
     names = {k.split(".", 1)[0] for k in tensors}
-    if not any(n.startswith(("lycoris_", "lora_unet_", "lora_transformer_")) for n in names):
+    if not any(n.startswith(UNDERSCORED_PREFIXES) for n in names):
         return None
     for suffix, algo in OTHER_ALGO_KEYS.items():
         if any(k.endswith("." + suffix) for k in tensors):
@@ -58,7 +100,7 @@ def _config_settings(cfg: dict) -> dict:
     }
 
 
-def read(path: str, tensors: dict, metadata: dict) -> TLoRAFile:
+def read(path: str, tensors: dict, metadata: dict, assume_tlora: bool = False) -> TLoRAFile:
     notes: list[str] = []
     groups = group_keys(tensors, SUFFIXES)
     groups = {n: g for n, g in groups.items() if "lambda_layer" in g}
@@ -128,13 +170,8 @@ def read(path: str, tensors: dict, metadata: dict) -> TLoRAFile:
             embedded += 1
         else:
             modules[name] = SvdBaseTerms(name, p.float(), lam.float(), q.float(), alpha, sig_type)
-        lookup[name] = lookup_underscored(name)
-    if skipped_conv:
-        notes.append(f"{len(skipped_conv)} convolution module(s) skipped (T-LoRA is applied to linear layers "
-                     f"only): {module_names_sample(skipped_conv)}")
-    if skipped_te:
-        notes.append(f"{len(skipped_te)} text-encoder module(s) skipped (the T-LoRA schedule acts on the "
-                     f"diffusion model): {module_names_sample(skipped_te)}")
+        lookup[name] = underscored(name)
+    note_skipped(notes, skipped_te, skipped_conv)
     if not modules:
         raise TLoRAFormatError(path, "LyCORIS tlora file without any usable (linear, diffusion-model) module")
     if embedded and embedded != len(modules):
@@ -145,11 +182,9 @@ def read(path: str, tensors: dict, metadata: dict) -> TLoRAFile:
     if len(ranks) > 1:
         notes.append(f"modules have different ranks {sorted(ranks)}: the mask has length {R}, each module uses "
                      "its first ranks (as lycoris does)")
-    schedule = finish_schedule(R, found, notes)
-    schedule = schedule.with_overrides("LyCORIS convention (integer timestep)", mode=TIMESTEP,
-                                       truncate_timestep=True)
     fmt = NAME + (" with stored base terms" if embedded == len(modules) else "")
-    return TLoRAFile(path, fmt, R, modules, schedule, notes, lookup, dict(metadata))
+    return finish(path, fmt, modules, found, notes, lookup, metadata, "LyCORIS convention (integer timestep)",
+                  mode=TIMESTEP, truncate_timestep=True)
 
 
 def write_self_contained(src_path: str, dst_path: str, base_terms: dict, base_info: str = "",
@@ -163,14 +198,14 @@ def write_self_contained(src_path: str, dst_path: str, base_terms: dict, base_in
     """
     from safetensors.torch import save_file
 
-    from .base import load_state_dict
+    from .loading import load_state_dict
 
     src_path, dst_path = os.fspath(src_path), os.fspath(dst_path)
     tensors, metadata = load_state_dict(src_path)
     names = {k.split(".", 1)[0] for k in tensors if k.endswith(".lambda_layer")}
     missing = sorted(names - set(base_terms))
     if missing and not allow_partial:
-        raise TLoRAFormatError(src_path, f"no base terms given for {len(missing)} module(s): {module_names_sample(missing)}")
+        raise TLoRAFormatError(src_path, f"no base terms given for {len(missing)} module(s): {sample_names(missing)}")
     out = dict(tensors)
     for name in sorted(names & set(base_terms)):
         t = base_terms[name]

@@ -20,8 +20,11 @@ import re
 
 from .. import adapter as ad
 from ..schedule import TIMESTEP
-from .base import (LORA_LOADER_HINT, TLoRAFile, TLoRAFormatError, down_up, find_sidecars, finish_schedule,
-                   first_number, lookup_dotted, module_names_sample, sidecar_label)
+from .errors import LORA_LOADER_HINT, TLoRAFormatError
+from .keys import pair, sample_names
+from .names import dotted
+from .settings import find_sidecars, first_number, sidecar_label
+from .tlora_file import TLoRAFile, finish
 
 KEY = re.compile(
     r"^(?:unet\.|transformer\.)?(?P<mod>(?P<attn>.+?)\.processor\.(?P<proj>to_q|to_k|to_v|to_out|to_q_proj|to_k_proj"
@@ -78,7 +81,7 @@ def read(path: str, tensors: dict, metadata: dict, assume_tlora: bool = False) -
             dead.append(mod)  # the official processor never calls these in single blocks
             continue
         if "down.weight" in g or "up.weight" in g:
-            down, up = down_up(path, mod, g)
+            down, up = pair(path, mod, g)
             modules[mod] = ad.plain(mod, up, down, 1.0)
             vanilla_seen = True
         else:
@@ -92,10 +95,10 @@ def read(path: str, tensors: dict, metadata: dict, assume_tlora: bool = False) -
             except ValueError as e:
                 raise TLoRAFormatError(path, f"module {mod}: {e}") from None
             ortho_seen = True
-        lookup[mod] = lookup_dotted(f"{attn}.{PROJ[proj]}")
+        lookup[mod] = dotted(f"{attn}.{PROJ[proj]}")
     if dead:
         notes.append(f"{len(dead)} module(s) of single blocks dropped: the official Flux processor never uses "
-                     f"them ({module_names_sample(dead, 2)})")
+                     f"them ({sample_names(dead, 2)})")
     if not modules:
         raise TLoRAFormatError(path, "no usable module in this official-layout file")
     variant = "ortho" if ortho_seen and not vanilla_seen else ("vanilla" if vanilla_seen and not ortho_seen else "mixed")
@@ -111,11 +114,7 @@ def read(path: str, tensors: dict, metadata: dict, assume_tlora: bool = False) -
                                          + LORA_LOADER_HINT)
         notes.append("no hparams.yml found beside the file or in ../logs/: schedule defaults min_rank 1, "
                      "alpha 1.0 are used")
-    ranks = {m.rank for m in modules.values()}
-    R = max(ranks)
-    schedule = finish_schedule(R, found, notes)
     convention = "official code (float timestep" + (", linear schedule)" if flux else ")")
     extra = {"alpha": 1.0} if flux else {}
-    schedule = schedule.with_overrides(convention, mode=TIMESTEP, truncate_timestep=False, **extra)
-    fmt = f"official T-LoRA ({family}, {variant})"
-    return TLoRAFile(path, fmt, R, modules, schedule, notes, lookup, dict(metadata))
+    return finish(path, f"official T-LoRA ({family}, {variant})", modules, found, notes, lookup, metadata, convention,
+                  mode=TIMESTEP, truncate_timestep=False, **extra)

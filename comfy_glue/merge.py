@@ -1,9 +1,8 @@
-"""Merge mode: for one sampling run, the adapted layers' weights carry the call's active ranks.
+"""Merge mode: for one sampling run, one diffusion model's adapted weights carry the call's active ranks.
 
-Per-layer application (the hooks of ``nodes.patcher``) adds two thin matmuls per adapted slice to
-every model call. On a GPU those cost more than their FLOPs: at small sizes each is a kernel launch
-of a launch-bound run, at large ones each re-reads the layer's input and output (measured on an
-H100: 1.17x a merged LoRA at 64 image tokens, 1.06x at 4096). Here each adapted weight slice is
+Per-layer application (``hooks``) adds two thin matmuls per adapted slice to every model call. On
+a GPU those cost more than their FLOPs: at small sizes each is a kernel launch of a launch-bound
+run, at large ones each re-reads the layer's input and output. Here each adapted weight slice is
 set to ``W0 + s U[:, :k] D[:k]`` when the rank k changes (a few times per run, one GEMM per slice;
 ``tlora_core.runtime.merge_prefix_``): the calls in between run at a merged LoRA's speed. The
 cost is one more copy of the adapted weights on their device while a run lasts.
@@ -36,21 +35,24 @@ _MERGING: dict[int, str] = {}  # id(weight) -> key of the T-LoRA whose run merge
 
 
 class MergedRun:
-    """The merge state of one sampling run of one T-LoRA (made per run, restored at its end)."""
+    """The merge state of one T-LoRA on one diffusion model for one sampling run (restored at its end)."""
 
     def __init__(self, key: str, diffusion_model, modules: dict, strength: float,
                  weights_for: Callable[[torch.device, torch.dtype], list]):
         self.key = key
         self.dm = diffusion_model
-        self.modules = modules  # layer path -> the runtime's entries (index, out_slice, adapter)
+        self.modules = modules  # layer path -> the patch's entries (index, out_slice, adapter)
         self.strength = strength
-        self.weights_for = weights_for  # the runtime's per-(device, dtype) adapter cache
+        self.weights_for = weights_for  # the patch's per-device adapter copies
         self.usable: Optional[bool] = None  # decided at the first call (the weights are loaded by then)
         self.why = ""
         self.slots: list = []  # (weight slice, its copy, entry)
         self.owners: list[int] = []  # id() of the weights merged into (``_MERGING``)
         self.rank = 0  # the rank the weights carry
-        self.hooks = None  # the runtime's hook handle when the run falls back to per-layer
+
+    def refuse(self, why: str) -> None:
+        """This run cannot merge (decided before its first call): every call goes to the hooks."""
+        self.usable, self.why = False, why
 
     def set_rank(self, rank: Optional[int], device: torch.device) -> bool:
         """Make the weights carry ``rank`` (0: the base weights). ``None`` (a batch of mixed ranks)

@@ -1,0 +1,48 @@
+"""The record every reader returns, and the shared end of a read.
+
+Readers turn a file into a ``TLoRAFile`` whose ``modules`` are complete ``LowRankAdapter``s, or
+modules still to be completed from the model's base weights (LyCORIS' ``SvdBaseTerms``), which the
+ComfyUI glue does because it knows the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..schedule import Schedule
+from .keys import sample_names
+from .settings import finish_schedule
+
+
+@dataclass
+class TLoRAFile:
+    path: str
+    format: str  # human-readable, e.g. "LyCORIS tlora (SimpleTuner)"
+    rank: int  # R: the schedule's mask length
+    modules: dict  # file module name -> LowRankAdapter, or a module completed from the model (LyCORIS)
+    schedule: Schedule
+    notes: list = field(default_factory=list)
+    # file module name -> names to look up in the model's key map, best first
+    lookup: dict = field(default_factory=dict)
+    metadata: dict = field(default_factory=dict)
+
+
+def finish(path: str, fmt: str, modules: dict, found: list, notes: list, lookup: dict, metadata: dict,
+           convention: str, **fixed) -> TLoRAFile:
+    """The end of every read: R from the tensors, the schedule from the settings ``found`` (see
+    ``settings.finish_schedule``), then the trainer's own convention (``fixed`` values, attributed
+    to ``convention``)."""
+    rank = max(m.rank for m in modules.values())
+    schedule = finish_schedule(rank, found, notes).with_overrides(convention, **fixed)
+    return TLoRAFile(path, fmt, rank, modules, schedule, notes, lookup, dict(metadata))
+
+
+def note_skipped(notes: list, text_encoder: list, conv: list) -> None:
+    """The notes for modules a reader leaves out: text-encoder ones (the schedule acts on the
+    diffusion model) and convolutions (applied to linear layers only, never half-right)."""
+    if text_encoder:
+        notes.append(f"{len(text_encoder)} text-encoder module(s) skipped (the T-LoRA schedule acts on the "
+                     f"diffusion model): {sample_names(text_encoder)}")
+    if conv:
+        notes.append(f"{len(conv)} convolution module(s) skipped (T-LoRA is applied to linear layers only): "
+                     f"{sample_names(conv)}")
