@@ -37,15 +37,19 @@ class BoundTLoRA:
     base_terms: dict = field(default_factory=dict)
     # what the base weights the SVD read were quantized as (empty: the model's own float weights)
     quantized: list = field(default_factory=list)
+    family: str = ""  # the model's family, as the loader's info names it
 
 
-def bind_tlora(model_patcher, tfile: TLoRAFile, cache_dir=None, progress: bool = True) -> BoundTLoRA:
+def bind_tlora(model_patcher, tfile: TLoRAFile, cache_dir=None, progress: bool = True,
+               allow_partial: bool = False) -> BoundTLoRA:
     """Map ``tfile``'s modules onto ``model_patcher``'s diffusion model; complete LyCORIS modules.
 
-    Raises ``TLoRAFormatError`` when nothing matches or a module's shape disagrees with its layer.
-    ``cache_dir``: where rebuilt base terms are kept (None: the default, False: no cache).
+    Raises ``TLoRAFormatError`` when nothing matches, a module's shape disagrees with its layer, or
+    (unless ``allow_partial``) some of the file's diffusion-model modules have no layer here: such a
+    load gives another image than the one trained. ``cache_dir``: where rebuilt base terms are kept
+    (None: the default, False: no cache).
     """
-    family = families.for_model(model_patcher.model).name
+    family = _family_label(model_patcher.model)
     placed, unmatched = _place(model_patcher.model, tfile)
     if not placed:
         raise TLoRAFormatError(tfile.path, f"nothing matches this model: a {tfile.format} file with "
@@ -53,6 +57,13 @@ def bind_tlora(model_patcher, tfile: TLoRAFile, cache_dir=None, progress: bool =
                                            f"model (e.g. {', '.join(sorted(unmatched)[:4])}). Was it trained for "
                                            "another model family?")
     jobs, skipped = _validate(model_patcher, tfile, placed, family)
+    if (unmatched or skipped) and not allow_partial:
+        missing = sorted(unmatched) + [s for s in skipped]
+        raise TLoRAFormatError(tfile.path, f"only {len(jobs)} of the file's {len(tfile.modules)} diffusion-model "
+                                           f"modules fit this {family} model; {len(missing)} have no layer here that "
+                                           f"can take them (e.g. {'; '.join(missing[:4])}). Applied without them it "
+                                           "would not give the image it was trained for: load it on the model it was "
+                                           "trained for, or set allow_partial to apply the rest anyway")
     notes = list(tfile.notes)
     if skipped:
         notes.append(f"{len(skipped)} module(s) skipped: " + "; ".join(skipped[:3]) + (" ..." if len(skipped) > 3 else ""))
@@ -64,13 +75,19 @@ def bind_tlora(model_patcher, tfile: TLoRAFile, cache_dir=None, progress: bool =
 
     matched = [name for name, _ in jobs]
     if unmatched:
-        msg = (f"partial match: {len(matched)} of {len(tfile.modules)} modules placed on this {family} model, "
-               f"{len(unmatched)} have no layer here (e.g. {', '.join(sorted(unmatched)[:3])})")
+        msg = (f"partial load (allow_partial): {len(matched)} of {len(tfile.modules)} modules placed on this {family} "
+               f"model, {len(unmatched)} have no layer here (e.g. {', '.join(sorted(unmatched)[:3])})")
         notes.append(msg)
         log.warning("T-LoRA %s: %s", os.path.basename(tfile.path), msg)
     if lycoris:
         notes += base_terms.report(done, len(lycoris), os.path.basename(tfile.path))
-    return BoundTLoRA(targets, matched, unmatched, notes, tfile, done.terms, sorted(set(done.quantized)))
+    return BoundTLoRA(targets, matched, unmatched, notes, tfile, done.terms, sorted(set(done.quantized)), family)
+
+
+def _family_label(model) -> str:
+    fam = families.for_model(model)
+    config = type(getattr(model, "model_config", None)).__name__
+    return fam.name if config == "NoneType" else f"{fam.name} ({config})"
 
 
 def _place(model, tfile: TLoRAFile) -> tuple[list[tuple[str, Target]], list[str]]:

@@ -33,7 +33,8 @@ def parse_target(value) -> Target:
 
 def model_key_map(model) -> dict:
     """file module name -> key map value, for ``model`` (a ComfyUI ``BaseModel``). ComfyUI's own map
-    wins where both know a name."""
-    key_map = dict(families.for_model(model).names(model))
+    wins where both know a name; the family map's names of layers this model lacks are left out."""
+    keys = set(model.state_dict().keys())
+    key_map = {n: v for n, v in families.names(model).items() if (v if isinstance(v, str) else v[0]) in keys}
     key_map.update(comfy.lora.model_lora_keys_unet(model, {}))  # a fresh dict every time: it fills it
     return key_map

@@ -190,6 +190,45 @@ def write_lycoris(model_patcher, path, rank: int = 8, alpha: Optional[float] = N
     return LycorisFile(path, modules, cfg, net, targets)
 
 
+def write_simpletuner(root: torch.nn.Module, path, target_module: Iterable[str], rank: int = 8,
+                      alpha: Optional[float] = None, *, min_rank: Optional[int] = 2, tlora_alpha: Optional[float] = 1.5,
+                      seed: int = 0, dtype=torch.float32, settings: str = "metadata") -> LycorisFile:
+    """A T-LoRA saved as SimpleTuner saves one, on a real model (e.g. a diffusers transformer):
+    lycoris-lora's ``create_lycoris`` with SimpleTuner's preset (``target_module`` classes),
+    ``save_weights`` with the ``lycoris_config`` metadata (``settings``: as ``write_lycoris``).
+    The model's own weights are not changed: lycoris wraps its layers until ``restore()``."""
+    from lycoris import create_lycoris
+    from lycoris.modules.tlora import TLoraModule
+
+    path = Path(path)
+    cfg = {"algo": "tlora", "multiplier": 1.0, "linear_dim": rank, "linear_alpha": alpha if alpha is not None else rank,
+           "apply_preset": {"target_module": list(target_module)}}
+    if min_rank is not None:
+        cfg["tlora_min_rank"] = min_rank
+    if tlora_alpha is not None:
+        cfg["tlora_alpha"] = tlora_alpha
+    kwargs = {k: v for k, v in cfg.items() if k not in ("multiplier", "linear_dim", "linear_alpha", "apply_preset")}
+    with _lycoris_env() as LycorisNetwork:
+        LycorisNetwork.apply_preset(dict(cfg["apply_preset"], lora_prefix="lycoris"))
+        net = create_lycoris(root, cfg["multiplier"], cfg["linear_dim"], cfg["linear_alpha"], **kwargs)
+        net.apply_to()
+    modules = {m.lora_name: m for m in net.loras if isinstance(m, TLoraModule)}
+    if not modules:
+        net.restore()
+        raise RuntimeError(f"lycoris-lora wrapped no module with target_module {list(target_module)}")
+    train_(modules.values(), seed)
+    meta_cfg = dict(cfg)
+    if settings == "final":
+        meta_cfg.pop("tlora_min_rank", None)
+        meta_cfg.pop("tlora_alpha", None)
+    metadata = {"lycoris_config": json.dumps(meta_cfg)} if settings in ("metadata", "both", "final") else {}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    net.save_weights(str(path), dtype, metadata)
+    if settings in ("sidecar", "both"):
+        (path.parent / "lycoris_config.json").write_text(json.dumps(cfg, indent=2))
+    return LycorisFile(path, modules, cfg, net, {})
+
+
 def write_lycoris_native(model_patcher, path, module_paths: Iterable[str], rank: int = 8, alpha=None, seed: int = 0,
                          min_rank=2, tlora_alpha=1.5) -> LycorisFile:
     """lycoris-lora wrapping ComfyUI's own layers (``lycoris_double_blocks_0_img_attn_qkv``...),

@@ -9,25 +9,31 @@ from comfy_api.latest import io
 
 import folder_paths
 
-from ..comfy_glue import binding, patcher
+from ..comfy_glue import binding, patcher, timesteps
 from ..tlora_core import schedule as sched
 from ..tlora_core.formats import read_tlora
 from .inputs import CATEGORY, TLoraScheduleType, check_lora_name, lora_name_input, lora_path
 from .schedule import ScheduleOverrides
 
 
-def info_text(lora_name: str, tfile, bound, schedule: sched.Schedule, strength: float) -> str:
+def info_text(lora_name: str, tfile, bound, schedule: sched.Schedule, strength: float, model) -> str:
+    if schedule.mode == sched.TIMESTEP:
+        conv = timesteps.convention(model.get_model_object("model_sampling"))
+        time = f"{conv.describe} ({conv.name}), T = {schedule.max_timestep:g}"
+    else:
+        time = "the step's position in the sampler's schedule (step_index)"
     lines = [
         f"T-LoRA: {lora_name}",
         f"format: {tfile.format}, rank {tfile.rank}, strength {strength:g}",
+        f"model: {bound.family}; mask timestep: {time}",
         f"modules: {len(bound.matched)} matched, {len(bound.unmatched)} not matched",
     ]
     if bound.unmatched:
         shown = ", ".join(list(bound.unmatched)[:8])
         lines.append(f"  not matched: {shown}{' ...' if len(bound.unmatched) > 8 else ''}")
     lines.append("schedule in effect:")
-    for name in ("max_rank", "min_rank", "alpha", "mode", "max_timestep"):
-        lines.append(f"  {name} = {getattr(schedule, name)}  ({schedule.sources.get(name, 'default')})")
+    for name, value, where in schedule.fields():
+        lines.append(f"  {name} = {value}  ({where})")
     if schedule.mode == sched.TIMESTEP:
         lines.append("active rank at t: " + ", ".join(f"{t:g}: {r}" for t, r in sched.rank_table(schedule)))
     lines += [f"note: {n}" for n in bound.notes]  # the file's notes and the binding's
@@ -60,6 +66,9 @@ class TLoraLoader(io.ComfyNode):
                                        "run, rewritten when the rank changes and restored after it: on a GPU, closer to a "
                                        "merged LoRA's speed, for one more copy of the adapted weights while sampling "
                                        "(plain float weights on the GPU; elsewhere it falls back to per layer)."),
+                io.Boolean.Input("allow_partial", default=False, optional=True,
+                                 tooltip="Apply the file even when some of its modules have no layer in this model "
+                                         "(off: that is an error, since the image would differ from the trained one)."),
                 TLoraScheduleType.Input("schedule", optional=True,
                                         tooltip="Overrides for the rank schedule (T-LoRA Schedule node). Without it, "
                                                 "the file's training settings are used, else min_rank 1, alpha 1.0, "
@@ -87,16 +96,16 @@ class TLoraLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, lora_name: str, strength_model: float, apply: str = APPLY_MODES[0],
-                schedule: Optional[ScheduleOverrides] = None) -> io.NodeOutput:
+                allow_partial: bool = False, schedule: Optional[ScheduleOverrides] = None) -> io.NodeOutput:
         # a schedule given here says "this is a T-LoRA": layouts plain LoRAs share are accepted then
         tfile = read_tlora(lora_path(lora_name), assume_tlora=schedule is not None)
         effective = tfile.schedule
         if schedule is not None:
             effective = schedule.resolve(effective, lora_name)
-        # raises, naming the file, when nothing fits this model; LyCORIS base terms are cached on disk in
-        # <ComfyUI user dir>/tlora_cache ($COMFYUI_TLORA_CACHE overrides it)
-        bound = binding.bind_tlora(model, tfile, cache_dir=None, progress=True)
-        info = info_text(lora_name, tfile, bound, effective, strength_model)
+        # raises, naming the file, when it does not fit this model whole; LyCORIS base terms are cached on
+        # disk in <ComfyUI user dir>/tlora_cache ($COMFYUI_TLORA_CACHE overrides it)
+        bound = binding.bind_tlora(model, tfile, cache_dir=None, progress=True, allow_partial=allow_partial)
+        info = info_text(lora_name, tfile, bound, effective, strength_model, model)
         if strength_model == 0:
             info += "\nstrength 0: the model is left as it was"
         merge = apply == "merge"

@@ -49,6 +49,19 @@ def tiny_sdxl(comfy):
     return tiny_sdxl(seed=0)
 
 
+@pytest.fixture
+def loras(comfy, tmp_path, monkeypatch):
+    """A private ``loras`` model folder (and SVD cache) for the loader."""
+    import folder_paths
+
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras",
+                        ([str(folder)], folder_paths.supported_pt_extensions))
+    monkeypatch.setenv("COMFYUI_TLORA_CACHE", str(tmp_path / "cache"))
+    return folder
+
+
 @pytest.fixture(scope="session")
 def comfy_server(tmp_path_factory):
     """A real ComfyUI server with this pack installed, on a free loopback port."""

@@ -180,14 +180,19 @@ def test_zero_matches_is_a_clear_error(mods, tiny_flux, tmp_path):
     assert "lycoris_down_blocks" in msg or "lycoris_mid_block" in msg or "lycoris_up_blocks" in msg
 
 
-def test_partial_match_warns_with_counts(mods, tiny_flux, tmp_path, caplog):
+def test_partial_match_is_an_error_unless_asked_for(mods, tiny_flux, tmp_path, caplog):
     from devkit.tiny_models import tiny_flux as make
 
     lf = tf.write_lycoris(make(seed=0, depth=2), tmp_path / "d2.safetensors", rank=4,
                           only=["transformer_blocks.0.attn.to_q", "transformer_blocks.1.attn.to_q",
                                 "transformer_blocks.1.attn.to_k"])
+    with pytest.raises(mods["formats"].TLoRAFormatError) as e:
+        bind(mods, tiny_flux, lf.path, tmp_path)
+    msg = str(e.value)
+    assert "d2.safetensors" in msg and "only 1 of the file's 3" in msg and "Flux" in msg and "allow_partial" in msg
+    assert "lycoris_transformer_blocks_1_attn_to_k" in msg
     with caplog.at_level(logging.WARNING, logger="comfyui_tlora"):
-        f, b = bind(mods, tiny_flux, lf.path, tmp_path)
+        f, b = bind(mods, tiny_flux, lf.path, tmp_path, allow_partial=True)
     assert b.matched == ["lycoris_transformer_blocks_0_attn_to_q"]
     assert sorted(b.unmatched) == ["lycoris_transformer_blocks_1_attn_to_k", "lycoris_transformer_blocks_1_attn_to_q"]
     assert any("1 of 3 modules" in n for n in b.notes)

@@ -8,19 +8,6 @@ import torch
 from devkit.host import pack_module
 
 
-@pytest.fixture
-def loras(comfy, tmp_path, monkeypatch):
-    """A private ``loras`` model folder (and SVD cache) for the loader."""
-    import folder_paths
-
-    folder = tmp_path / "loras"
-    folder.mkdir()
-    monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras",
-                        ([str(folder)], folder_paths.supported_pt_extensions))
-    monkeypatch.setenv("COMFYUI_TLORA_CACHE", str(tmp_path / "cache"))
-    return folder
-
-
 @pytest.fixture(scope="module")
 def nodes(comfy):
     """(the loader's module, the schedule and preview nodes' modules as one namespace)."""
@@ -68,8 +55,9 @@ def test_loader_applies_the_files_own_schedule(nodes, loras, lycoris_file, tiny_
     lines = info.splitlines()
     assert lines[0] == "T-LoRA: st.safetensors"
     assert "LyCORIS" in lines[1] and "rank 8" in lines[1]
-    matched = int(lines[2].split()[1])
-    assert matched > 0 and lines[2] == f"modules: {matched} matched, 0 not matched"
+    assert lines[2] == "model: Flux.1 (Flux); mask timestep: t = T * sigma (flow matching), T = 1000"
+    matched = int(lines[3].split()[1])
+    assert matched > 0 and lines[3] == f"modules: {matched} matched, 0 not matched"
     assert f"  min_rank = 2  ({s.sources['min_rank']})" in lines and f"  alpha = 1.5  ({s.sources['alpha']})" in lines
     table = pack_module("tlora_core.schedule").rank_table(s)
     assert "active rank at t: " + ", ".join(f"{t:g}: {r}" for t, r in table) in lines
@@ -84,7 +72,7 @@ def test_schedule_node_overrides_the_file(nodes, loras, lycoris_file, tiny_flux)
     assert (s.max_rank, s.min_rank, s.alpha, s.mode) == (8, 1, 3.0, "step_index")
     assert s.sources["alpha"] == s.sources["min_rank"] == s.sources["mode"] == "T-LoRA Schedule node"
     assert s.sources["max_rank"] != "T-LoRA Schedule node"  # 0 kept the file's rank
-    assert "  alpha = 3.0  (T-LoRA Schedule node)" in info.splitlines()
+    assert "  alpha = 3  (T-LoRA Schedule node)" in info.splitlines()
     with pytest.raises(ValueError, match="exceeds the rank of st.safetensors"):
         load(nodes, tiny_flux, name, max_rank=16)
 

@@ -7,9 +7,8 @@ and the result is accumulated straight into the output (or into its slice of a f
 linear1 output) with ``addmm_``: no zero buffers, no output-sized temporaries.
 
 The down projection is taken as ``D[:k] x^T`` (k x rows), the layout ``addmm_`` then reads as a
-transposed operand for free: for the thin shapes here (k < 64, a few hundred rows) BLAS runs it
-~20% faster than ``x D[:k]^T``, whose speed jumps with k (measured with MKL on an x86-64 CPU: the
-adapter work of one overhead-benchmark run, 46.6 ms against 57.7 ms on one thread).
+transposed operand for free: for the thin shapes here (k < 64, a few hundred rows) MKL runs it
+faster than ``x D[:k]^T``, whose speed jumps with k (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -119,9 +118,7 @@ def merge_prefix_(weight: torch.Tensor, base: torch.Tensor, prepared: Prepared, 
     A growing rank (the usual case: masks only grow as the noise falls) adds just the new ranks,
     ``weight += strength * up[:, carried:k] @ down[carried:k]``: one read and write of the weight
     and the new ranks' FLOPs, where recomputing from ``base`` reads it too and multiplies all k
-    (measured on an H100 with the overhead benchmark's 340M adapted fp32 parameters: 2.2-2.4 ms
-    per rank change from ``base``, synchronised; 1.2 ms of kernel time per change added). An fp32
-    weight then holds the rounding of a few sums (~1e-7 relative each). In fp16 / bf16 each sum
+    (about half the time on a GPU: benchmarks/RESULTS.md). An fp32 weight then holds the rounding of a few sums (~1e-7 relative each). In fp16 / bf16 each sum
     would round at the weight's own precision (bf16: 2^-9), so those, and a shrinking rank, are
     always recomputed from ``base``: one rounding, as ComfyUI's own LoRA merge. ``prepared`` is in
     the weight's dtype and device.

@@ -1,10 +1,13 @@
 """The T-LoRA rank schedule: how many ranks are active at a given noise level.
 
 The formula is the one the trainers run (LyCORIS ``compute_timestep_mask``, SimpleTuner,
-the official code)::
+the official code, the kohya forks)::
 
-    u = clamp((T - t) / T, 0, 1)            # 1 = clean image, 0 = pure noise
+    u = clamp((T - t) / (T - b), 0, 1)      # 1 = clean image, 0 = pure noise
     r = min(R, floor(u ** alpha * (R - r_min)) + r_min)
+
+with t the trainer's timestep (plus its offset, truncated to an integer where the trainer does)
+and b the boundary below which every rank is on (0 for all but takenoko's boundary schedule).
 
 Everything here is plain Python/torch so the schedule can be computed, tested and charted
 without ComfyUI. Rank arithmetic is done in float64 (Python floats), like the trainers, so that
@@ -33,9 +36,11 @@ class Schedule:
     min_rank: int = 1
     alpha: float = 1.0
     mode: str = TIMESTEP
-    max_timestep: int = 1000
+    max_timestep: float = 1000  # T; 1.0 where the model's own time runs over [0, 1] (the Anima fork)
     # LyCORIS/SimpleTuner truncate t to an int before the formula; the official SDXL code does not.
     truncate_timestep: bool = True
+    timestep_offset: float = 0.0  # added to t first (takenoko trains with t = 1000 * sigma + 1)
+    boundary_timestep: float = 0.0  # b: ranks are reduced only for t > b (takenoko: 875)
     sources: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self):
@@ -47,8 +52,13 @@ class Schedule:
             raise ValueError(f"alpha (the schedule exponent) must be a positive number, got {self.alpha}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.max_timestep < 1:
-            raise ValueError(f"max_timestep must be >= 1, got {self.max_timestep}")
+        if not (self.max_timestep > 0 and math.isfinite(self.max_timestep)):
+            raise ValueError(f"max_timestep (T) must be a positive number, got {self.max_timestep}")
+        if not 0 <= self.boundary_timestep < self.max_timestep:
+            raise ValueError(f"boundary_timestep must be in [0, max_timestep={self.max_timestep:g}), "
+                             f"got {self.boundary_timestep:g}")
+        if not math.isfinite(self.timestep_offset):
+            raise ValueError(f"timestep_offset must be a number, got {self.timestep_offset}")
 
     def with_overrides(self, source: str, **values) -> "Schedule":
         """A copy with ``values`` replaced (None = keep) and their source recorded."""
@@ -58,11 +68,17 @@ class Schedule:
         return replace(self, sources=sources, **values)
 
     def describe(self) -> str:
-        parts = []
-        for name in ("max_rank", "min_rank", "alpha", "mode", "max_timestep"):
-            where = self.sources.get(name, "default")
-            parts.append(f"{name}={getattr(self, name)} ({where})")
-        return ", ".join(parts)
+        return ", ".join(f"{name}={value} ({where})" for name, value, where in self.fields())
+
+    def fields(self) -> list[tuple[str, object, str]]:
+        """(name, value, where it came from) of each setting, for the user."""
+        names = ["max_rank", "min_rank", "alpha", "mode", "max_timestep", "truncate_timestep"]
+        names += [n for n in ("timestep_offset", "boundary_timestep") if getattr(self, n) or n in self.sources]
+        return [(n, _shown(getattr(self, n)), self.sources.get(n, "default")) for n in names]
+
+
+def _shown(value):
+    return f"{value:g}" if isinstance(value, float) else value
 
 
 def rank_at_progress(u: float, max_rank: int, min_rank: int, alpha: float) -> int:
@@ -72,11 +88,12 @@ def rank_at_progress(u: float, max_rank: int, min_rank: int, alpha: float) -> in
 
 
 def rank_at_timestep(t: float, schedule: Schedule) -> int:
-    """Active rank at the trainer's timestep ``t`` (0 = clean, T = pure noise)."""
+    """Active rank at the trainer's timestep ``t`` (0 = clean, T = pure noise), before its offset."""
+    t = t + schedule.timestep_offset
     if schedule.truncate_timestep:
         t = float(int(t))
-    T = schedule.max_timestep
-    return rank_at_progress((T - t) / T, schedule.max_rank, schedule.min_rank, schedule.alpha)
+    T, b = schedule.max_timestep, schedule.boundary_timestep
+    return rank_at_progress((T - t) / (T - b), schedule.max_rank, schedule.min_rank, schedule.alpha)
 
 
 def rank_at_step(step: int, num_steps: int, schedule: Schedule) -> int:
@@ -120,6 +137,12 @@ def ranks_for_sigmas_by_step(sigmas: Iterable[float], sample_sigmas: Sequence[fl
     return [rank_at_step(step_index(float(s), sample_sigmas), n, schedule) for s in sigmas]
 
 
-def rank_table(schedule: Schedule, timesteps: Sequence[float] = (0, 250, 500, 750, 999)) -> list[tuple[float, int]]:
-    """(t, active rank) pairs, e.g. for the README table and the node's info text."""
+TABLE_FRACTIONS = (0.0, 0.25, 0.5, 0.75, 0.999)
+
+
+def rank_table(schedule: Schedule, timesteps: Sequence[float] | None = None) -> list[tuple[float, int]]:
+    """(t, active rank) pairs, e.g. for the README table and the node's info text; by default at
+    0, 1/4, 1/2, 3/4 and 0.999 of T (0, 250, 500, 750, 999 for T = 1000)."""
+    if timesteps is None:
+        timesteps = [round(f * schedule.max_timestep, 6) for f in TABLE_FRACTIONS]
     return [(t, rank_at_timestep(t, schedule)) for t in timesteps]

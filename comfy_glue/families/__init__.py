@@ -1,39 +1,70 @@
-"""What the pack knows per model family, one small module each: the names trainers use for its
-layers where ComfyUI's own key map lacks them, and how its trainers measure time.
+"""What the pack knows per model family, one small module each: the diffusers names trainers give
+its layers where ComfyUI's own key map lacks them.
 
-``for_model(model)`` finds the family of a ComfyUI ``BaseModel`` by its class; a family module
-defines ``FAMILY`` (a ``Family``). A new family is one new module listed in ``_MODULES``.
+SimpleTuner trains on diffusers models, so its files name modules by diffusers paths
+(``lycoris_blocks_0_attn1_to_q``). ComfyUI's key map knows those paths for some families; for the
+others a family module gives ``diffusers_map(unet_config)``: diffusers weight key -> ComfyUI
+weight key, or ``(key, (0, offset, size))`` for a slice of a fused layer (Flux.2's
+``to_qkv_mlp_proj`` is the whole fused ``linear1``; Lumina 2's ``to_q`` a slice of ``qkv``).
+From it ``names`` derives every name form trainers write (``lycoris_``, ``lora_transformer_``,
+``transformer.``, the bare path).
+
+``for_model(model)`` finds the family of a ComfyUI ``BaseModel`` by the class of its model config
+(``comfy.supported_models``: it tells Z-Image from Lumina 2, which share one model class), the most
+derived one a module lists; a new family is one new module in this package.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
+import pkgutil
 from dataclasses import dataclass, field
-from typing import Callable
-
-
-def _no_names(model) -> dict:
-    return {}
+from typing import Callable, Optional
 
 
 @dataclass(frozen=True)
 class Family:
     name: str  # as the loader's info shows it
-    model_classes: tuple = ()  # ComfyUI model_base class names
-    # model -> {file module name: key map value} for names ComfyUI's key map does not know
-    names: Callable = field(default=_no_names, compare=False)
+    config_classes: tuple  # ComfyUI supported_models class names of this family
+    # unet_config -> {diffusers weight key: ComfyUI key | (key, (0, offset, size))}, for the names
+    # ComfyUI's key map does not know (None: it knows them all)
+    diffusers_map: Optional[Callable[[dict], dict]] = field(default=None, compare=False)
 
 
-_MODULES: tuple = ()
-
-
-def _registry() -> list[Family]:
-    return [m.FAMILY for m in _MODULES]
+@functools.lru_cache(maxsize=None)
+def _registry() -> tuple:
+    return tuple(importlib.import_module(f"{__name__}.{m.name}").FAMILY for m in pkgutil.iter_modules(__path__))
 
 
 def for_model(model) -> Family:
-    """The family of ``model`` (a ComfyUI ``BaseModel``); an unnamed one for classes no module lists."""
-    cls = type(model).__name__
-    for fam in _registry():
-        if cls in fam.model_classes:
-            return fam
-    return Family(cls, (cls,))
+    """The family of ``model`` (a ComfyUI ``BaseModel``): the module listing the most derived class
+    of its model config; an unnamed one for configs no module lists."""
+    families = _registry()
+    config = getattr(model, "model_config", None)
+    for cls in type(config).__mro__ if config is not None else ():
+        for fam in families:
+            if cls.__name__ in fam.config_classes:
+                return fam
+    name = type(config).__name__ if config is not None else type(model).__name__
+    return Family(name, (name,))
+
+
+def names(model) -> dict:
+    """{file module name: key map value} for the names of ``model``'s family map."""
+    fam = for_model(model)
+    if fam.diffusers_map is None:
+        return {}
+    out = {}
+    for dkey, target in fam.diffusers_map(model.model_config.unet_config).items():
+        if not dkey.endswith(".weight"):
+            continue
+        path = dkey[: -len(".weight")]
+        if isinstance(target, str):
+            value = "diffusion_model." + target
+        else:
+            value = ("diffusion_model." + target[0],) + tuple(target[1:])
+        flat = path.replace(".", "_")
+        for name in (f"lycoris_{flat}", f"lora_transformer_{flat}", f"transformer.{path}", path):
+            out[name] = value
+    return out

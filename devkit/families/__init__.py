@@ -1,0 +1,235 @@
+"""Tiny real models of every family SimpleTuner trains T-LoRA for: a diffusers model (the module
+names and classes SimpleTuner's files carry) and the ComfyUI model with the same weights, built
+the way ComfyUI builds one from a file.
+
+Two ways to the same weights, one per family (``Kit.direction``):
+
+- ``diffusers``: where ComfyUI loads diffusers-format files itself (Flux, SD3, AuraFlow, PixArt, and
+  families whose ComfyUI layout is diffusers'), the diffusers model's state dict goes through
+  ComfyUI's own loader (``comfy.sd.load_diffusion_model_state_dict``: its conversion and detection);
+- ``comfy``: elsewhere a ComfyUI model is made from the host's own model class with the host's
+  config defaults and a few sizes (``Kit.comfy_sizes``), its state dict rebuilt through ComfyUI's
+  detection, and turned into the diffusers model by diffusers' own single-file converter
+  (``Kit.converter``). The way back (for the merged reference weights) is that converter
+  inverted exactly by probing it with a state dict of element ids (``inverse_by_probe``).
+
+Neither way uses the pack's own name maps, which the tests check against these models.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import pkgutil
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from ..host import one_thread
+
+@dataclass
+class Kit:
+    family: str  # SimpleTuner's name of the family
+    comfy_class: str  # the ComfyUI model config class (comfy.supported_models) the model must be
+    diffusers_class: str  # the diffusers model class SimpleTuner trains
+    diffusers_config: dict  # its tiny config
+    direction: str  # "diffusers" or "comfy" (see the module docstring)
+    conditioning: Callable  # (kit, generator) -> (positive, negative) in ComfyUI's conditioning format
+    latent_shape: tuple  # the latent one sampling call gets (a frame axis for video families)
+    # preset name -> lycoris ``target_module`` list (SimpleTuner's documented generic preset, the family's classes)
+    presets: dict = field(default_factory=lambda: {"generic": ["Attention", "FeedForward"]})
+    comfy_sizes: dict = field(default_factory=dict)  # direction "comfy": sizes over the host's defaults
+    # direction "comfy": diffusers' converter (ComfyUI layout -> diffusers): a function name of
+    # diffusers.loaders.single_file_utils, or a function of the state dict calling one
+    converter: Optional[object] = None
+    min_host: tuple = (0, 3, 75)  # the first ComfyUI version with this family
+    video: bool = False
+    # six noise levels to check at (flow sigmas by default; discrete kits give timesteps' sigmas)
+    sigmas: Callable = field(default=lambda model: [0.97, 0.8, 0.62, 0.41, 0.2, 0.04])
+    # the timestep SimpleTuner computes the mask from at the sigma ComfyUI samples with (its
+    # pipelines, written out from its source: flow families 1000 * sigma)
+    simpletuner_t: Callable = field(default=lambda model_sampling, sigma: 1000.0 * float(sigma))
+
+
+@dataclass
+class Pair:
+    """A diffusers model and the ComfyUI model with the same weights."""
+
+    kit: Kit
+    diffusers_model: torch.nn.Module
+    model: object  # the ComfyUI ModelPatcher
+    to_comfy: Callable[[dict], dict]  # diffusers state dict -> ComfyUI diffusion-model state dict
+
+    def comfy_state_dict(self, diffusers_sd: Optional[dict] = None) -> dict:
+        return self.to_comfy(dict(diffusers_sd if diffusers_sd is not None else self.diffusers_model.state_dict()))
+
+
+def kits() -> list[Kit]:
+    """Every family's kit: one module each in this package."""
+    return [importlib.import_module(f"{__name__}.{m.name}").KIT for m in pkgutil.iter_modules(__path__)]
+
+
+def kit(family: str) -> Kit:
+    return next(k for k in kits() if k.family == family)
+
+
+def host_version() -> tuple:
+    import comfyui_version
+
+    return tuple(int(p) for p in comfyui_version.__version__.split(".")[:3])
+
+
+def runs_here(k: Kit) -> bool:
+    return host_version() >= k.min_host
+
+
+# --- building ------------------------------------------------------------------------------------
+def seeded_init_(module: torch.nn.Module, seed: int) -> None:
+    """Every parameter from a seeded generator (fan-in scaled normal; norm scales 1): ComfyUI's
+    layers skip initialisation, and a diffusers model's zero-initialised output layers would make
+    the adapter's effect vanish."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(module.named_parameters(), key=lambda kv: kv[0]):
+            if p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p[0].numel()))
+            elif name.endswith(("scale", "norm.weight")) or ("norm" in name and name.endswith("weight")):
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+
+
+def diffusers_model(k: Kit) -> torch.nn.Module:
+    import diffusers
+
+    return getattr(diffusers, k.diffusers_class)(**k.diffusers_config).float().eval()
+
+
+def comfy_model(sd: dict, comfy_class: str):
+    """A ComfyUI ModelPatcher from a diffusion-model state dict, as ComfyUI's UNETLoader makes it
+    (``load_diffusion_model_state_dict``: conversion of diffusers files, detection of the config),
+    in fp32; where detection finds no config for such tiny sizes (the UNets' match tables list
+    real sizes only), the named config class with the config ComfyUI's detection derived."""
+    import comfy.model_detection
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.sd
+    import comfy.supported_models
+
+    patcher = comfy.sd.load_diffusion_model_state_dict(dict(sd), model_options={"dtype": torch.float32})
+    if patcher is None:
+        unet_config = comfy.model_detection.detect_unet_config(sd, "")
+        config = getattr(comfy.supported_models, comfy_class)(unet_config)
+        config.set_inference_dtype(torch.float32, None)
+        model = config.get_model(sd, "")
+        missing, unexpected = model.diffusion_model.load_state_dict(sd, strict=False)
+        if missing or unexpected:
+            raise RuntimeError(f"{comfy_class}: state dict does not fit ({missing[:3]} missing, {unexpected[:3]} unexpected)")
+        patcher = comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                                   offload_device=mm.unet_offload_device())
+    got = type(patcher.model.model_config).__name__
+    if got != comfy_class:
+        raise RuntimeError(f"ComfyUI detected this state dict as {got}, not {comfy_class}")
+    return patcher
+
+
+def _comfy_layout(k: Kit, seed: int) -> dict:
+    """Direction "comfy": a state dict in ComfyUI's layout from the host's own model class with
+    its config defaults and the kit's sizes, rebuilt once through detection (so the sizes are what
+    ComfyUI itself derives from such a file)."""
+    import comfy.supported_models
+
+    config = getattr(comfy.supported_models, k.comfy_class)(dict(k.comfy_sizes))
+    config.set_inference_dtype(torch.float32, None)
+    first = config.get_model({}, "")
+    seeded_init_(first.diffusion_model, seed)
+    sd = {n: t.detach().clone() for n, t in first.diffusion_model.state_dict().items()}
+    detected = comfy_model(sd, k.comfy_class).model.diffusion_model.state_dict()
+    if {n: tuple(t.shape) for n, t in detected.items()} != {n: tuple(t.shape) for n, t in sd.items()}:
+        raise RuntimeError(f"{k.family}: ComfyUI's detection sizes these weights differently; pick sizes it reproduces")
+    return sd
+
+
+def _converter(k: Kit) -> Callable[[dict], dict]:
+    from diffusers.loaders import single_file_utils
+
+    fn = getattr(single_file_utils, k.converter) if isinstance(k.converter, str) else k.converter
+    return lambda sd: fn(dict(sd))
+
+
+def inverse_by_probe(convert: Callable[[dict], dict], layout: dict) -> Callable[[dict], dict]:
+    """The exact inverse of ``convert`` (ComfyUI layout -> diffusers) on state dicts shaped like
+    ``layout``, for converters that only move elements (rename, split, concatenate, transpose):
+    every element of a probe state dict holds its own id, so the converted probe tells, for every
+    element of every diffusers tensor, the ComfyUI tensor and position it came from."""
+    names = sorted(layout)
+    ids, start = {}, 0
+    for n in names:
+        count = layout[n].numel()
+        ids[n] = torch.arange(start, start + count, dtype=torch.float64).reshape(layout[n].shape)
+        start += count
+    probe = convert(ids)
+    where = {}  # diffusers key -> (flat source ids)
+    covered = torch.zeros(start, dtype=torch.bool)
+    for dk, t in probe.items():
+        t = t.double().reshape(-1)
+        if not torch.equal(t, t.round()) or (t < 0).any() or (t >= start).any():
+            raise RuntimeError(f"the converter computes {dk} instead of moving elements: no exact inverse")
+        src = t.long()
+        if covered[src].any():
+            raise RuntimeError(f"the converter uses an element twice ({dk}): no exact inverse")
+        covered[src] = True
+        where[dk] = src
+    if not bool(covered.all()):
+        lost = [n for n in names if not bool(covered[ids[n].reshape(-1).long()].all())]
+        raise RuntimeError(f"the converter drops ComfyUI weights ({lost[:3]}): no exact inverse")
+    offsets = {n: (int(ids[n].reshape(-1)[0]), layout[n].shape, layout[n].dtype) for n in names}
+
+    def inverse(diffusers_sd: dict) -> dict:
+        flat = torch.empty(start, dtype=torch.float64)
+        for dk, src in where.items():
+            flat[src] = diffusers_sd[dk].double().reshape(-1)
+        return {n: flat[o:o + math.prod(shape)].reshape(shape).to(dtype) for n, (o, shape, dtype) in offsets.items()}
+
+    return inverse
+
+
+def build(k: Kit, seed: int = 0, prepare: Optional[Callable[[torch.nn.Module], None]] = None) -> Pair:
+    """The pair for kit ``k``; ``prepare(diffusers_model)`` may change the diffusers weights first
+    (e.g. give adapted layers trained-like spectra); the ComfyUI model gets the result."""
+    with one_thread():
+        dm = diffusers_model(k)
+        if k.direction == "diffusers":
+            seeded_init_(dm, seed)
+            to_comfy = _diffusers_to_comfy(k)
+        else:
+            layout = _comfy_layout(k, seed)
+            convert = _converter(k)
+            missing, unexpected = dm.load_state_dict(convert(layout), strict=False)
+            if missing or unexpected:
+                raise RuntimeError(f"{k.family}: diffusers' converter gives keys the diffusers model lacks or misses "
+                                   f"({missing[:3]} missing, {unexpected[:3]} unexpected)")
+            to_comfy = inverse_by_probe(convert, layout)
+        if prepare is not None:
+            prepare(dm)
+        model = comfy_model(to_comfy(dict(dm.state_dict())), k.comfy_class)
+    return Pair(k, dm, model, to_comfy)
+
+
+def _diffusers_to_comfy(k: Kit) -> Callable[[dict], dict]:
+    """Direction "diffusers": ComfyUI's own loader converts; its model's state dict is the result."""
+
+    def to_comfy(sd: dict) -> dict:
+        return {n: t.detach().clone() for n, t in comfy_model(sd, k.comfy_class).model.diffusion_model.state_dict().items()}
+
+    return to_comfy
+
+
+# --- sampling inputs -----------------------------------------------------------------------------
+def latent(k: Kit, seed: int = 3) -> torch.Tensor:
+    return torch.randn(k.latent_shape, generator=torch.Generator().manual_seed(seed))
+
+
+def conditioning(k: Kit, seed: int = 1):
+    return k.conditioning(k, torch.Generator().manual_seed(seed))
