@@ -1,5 +1,8 @@
 """Development kit shared by the tests, the demo and the benchmarks (not part of the node pack).
 
-host: a real ComfyUI, in-process. tiny_models: small real models from ComfyUI's own classes.
-diffusers_named: the same weights under diffusers module names, for lycoris-lora to wrap.
+host: a real ComfyUI, in-process. families: per model family, a tiny diffusers model and the
+ComfyUI model with the same weights, built the way ComfyUI builds one. tiny_models: the Flux and
+SDXL ones most tests use. tlora_files: real T-LoRA files in every trainer's layout. server,
+browser, workflows, demo_assets: a real ComfyUI server, its frontend, the example workflows and the
+demo's generated models.
 """

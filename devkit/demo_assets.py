@@ -42,7 +42,7 @@ import torch
 
 from .host import ROOT
 
-VERSION = "2"  # bump when anything below changes the files
+VERSION = "3"  # bump when anything below changes the files
 CACHE_DIR = ROOT / ".cache" / "demo-assets"
 
 CHECKPOINT = "tlora_demo_sd15_tiny.safetensors"  # under models/checkpoints/
@@ -70,6 +70,11 @@ LYCORIS_CONFIG = {
     "tlora_alpha": 1.5,
     "apply_preset": {"target_module": ["Attention", "FeedForward"]},
 }
+
+# The same UNet as diffusers' UNet2DConditionModel config: the module names SimpleTuner's files carry.
+DIFFUSERS_UNET_CONFIG = dict(sample_size=32, in_channels=4, out_channels=4, down_block_types=("CrossAttnDownBlock2D",),
+                             up_block_types=("CrossAttnUpBlock2D",), block_out_channels=(320,), layers_per_block=1,
+                             cross_attention_dim=768, attention_head_dim=8, mid_block_type=None)
 
 # An SD1.5 UNet config (as comfy.model_detection.detect_unet_config reports it), one level deep.
 UNET_CONFIG = dict(
@@ -143,6 +148,15 @@ def build_unet(seed: int = SEED):
     wire_denoiser_(model.diffusion_model)
     return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
                                             offload_device=mm.unet_offload_device())
+
+
+def diffusers_unet(model_patcher):
+    """The demo UNet as diffusers' ``UNet2DConditionModel`` with the ComfyUI model's weights, by
+    diffusers' own ldm converter."""
+    from .families import twin
+    from .families.sdxl import ldm_converter
+
+    return twin(model_patcher, "UNet2DConditionModel", DIFFUSERS_UNET_CONFIG, ldm_converter(DIFFUSERS_UNET_CONFIG))
 
 
 def separate_spectra_(unet, rank: int, step: float = 0.05) -> None:
@@ -286,10 +300,8 @@ def write_tlora(checkpoint: Path, path: Path, seed: int = SEED + 3) -> None:
     import lycoris
     from lycoris import LycorisNetwork, create_lycoris
 
-    from .diffusers_named import diffusers_copy
-
     model = comfy.sd.load_checkpoint_guess_config(str(checkpoint), output_vae=False, output_clip=False)[0]
-    copy = diffusers_copy(model)
+    root = diffusers_unet(model)
     cfg = dict(LYCORIS_CONFIG)
     # SimpleTuner: apply the preset, pop the positional values, pass the rest as keyword arguments.
     # apply_preset sets class attributes; restore them so other in-process users are unaffected.
@@ -298,8 +310,9 @@ def write_tlora(checkpoint: Path, path: Path, seed: int = SEED + 3) -> None:
         with fast_lycoris():
             LycorisNetwork.apply_preset(cfg["apply_preset"])
             multiplier, dim, alpha = cfg.pop("multiplier"), cfg.pop("linear_dim"), cfg.pop("linear_alpha")
-            network = create_lycoris(copy.root, multiplier, dim, alpha, **cfg)
+            network = create_lycoris(root, multiplier, dim, alpha, **cfg)
             network.apply_to()  # registers the modules with the network (its state_dict is the file)
+            network.restore()
     finally:
         for k, v in saved.items():
             setattr(LycorisNetwork, k, v)

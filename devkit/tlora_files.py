@@ -1,8 +1,9 @@
 """Real T-LoRA files in every trainer's layout, for tiny ComfyUI models (tests, demo, benchmarks).
 
-- LyCORIS ``tlora``: lycoris-lora's own ``create_lycoris`` + ``save_weights``, on a diffusers-named
-  copy of the model (``devkit.diffusers_named``) with SimpleTuner's preset and its ``lycoris_config``
-  metadata, exactly as SimpleTuner writes it; or on ComfyUI's own modules (native names).
+- LyCORIS ``tlora``: lycoris-lora's own ``create_lycoris`` + ``save_weights``, on the model's real
+  diffusers twin (``devkit.families``: the same weights) with SimpleTuner's preset and its
+  ``lycoris_config`` metadata, exactly as SimpleTuner writes it; or on ComfyUI's own modules
+  (native names).
 - official ControlGenAI SDXL (``pytorch_lora_weights.safetensors`` + ``logs/hparams.yml``) and Flux
   (``lora.pt`` written by ``torch.save``, as the official trainer does), vanilla and ortho;
 - the seed-002 standalone Flux trainer (``tlora_weights.safetensors`` + its YAML config);
@@ -28,28 +29,19 @@ import torch
 
 from .host import one_thread
 
-SIMPLETUNER_PRESET = {"target_module": ["Attention", "FeedForward"]}
+
+
+class Container(torch.nn.Module):
+    """A plain module tree (for lycoris to wrap copies of a ComfyUI model's own layers)."""
 
 
 # --- model helpers -------------------------------------------------------------------------------
 def diffusers_targets(model_patcher) -> dict:
-    """diffusers module path -> (ComfyUI weight key, (dim, offset, size) | None), 2-D linears only."""
-    from .diffusers_named import diffusers_map
+    """diffusers Linear module path -> (ComfyUI weight key, (dim, offset, size) | None), from where
+    the diffusers twin's weights are in the ComfyUI model (``families.Pair.placements``)."""
+    from .families import pair_of
 
-    sd = model_patcher.model.state_dict()
-    out = {}
-    for dkey, target in diffusers_map(model_patcher.model).items():
-        if not dkey.endswith(".weight"):
-            continue
-        if isinstance(target, str):
-            target = (target, None)
-        if len(target) > 2:
-            continue
-        w = sd.get(target[0])
-        if w is None or w.ndim != 2:
-            continue
-        out[dkey[: -len(".weight")]] = (target[0], target[1])
-    return out
+    return {path: ("diffusion_model." + key, piece) for path, (key, piece) in pair_of(model_patcher).placements().items()}
 
 
 def layer_weight(model_patcher, key: str, piece=None) -> torch.Tensor:
@@ -99,23 +91,6 @@ def _lycoris_env():
             setattr(LycorisNetwork, k, v)
 
 
-def _subset(root, paths):
-    """A new module tree holding only these paths' Linear layers (same containers' classes)."""
-    from .diffusers_named import Container
-
-    new = Container()
-    for path in paths:
-        src, dst = root, new
-        segs = path.split(".")
-        for seg in segs[:-1]:
-            src = getattr(src, seg)
-            if not hasattr(dst, seg):
-                dst.add_module(seg, type(src)())
-            dst = getattr(dst, seg)
-        dst.add_module(segs[-1], getattr(src, segs[-1]))
-    return new
-
-
 def train_(modules, seed: int, turn: float = 0.3, lam_gain: tuple = (1.2, 2.0)) -> None:
     """Deterministic stand-in for training a lycoris ``TLoraModule``: lambda grows with the rank
     index, P and Q turn away from their SVD initialisation."""
@@ -142,24 +117,46 @@ class LycorisFile:
 def write_lycoris(model_patcher, path, rank: int = 8, alpha: Optional[float] = None, *, min_rank=2,
                   tlora_alpha=1.5, only: Optional[Iterable[str]] = None, settings: str = "metadata",
                   seed: int = 0, prefix: str = "lycoris", sig_type: Optional[str] = None,
-                  dtype=torch.float32, preset: Optional[dict] = None) -> LycorisFile:
-    """A SimpleTuner LyCORIS T-LoRA: lycoris-lora wraps a diffusers-named copy of the model.
+                  dtype=torch.float32, target_module: Optional[Iterable[str]] = None) -> LycorisFile:
+    """A SimpleTuner LyCORIS T-LoRA of a kit-built ComfyUI model: lycoris-lora wraps its diffusers
+    twin, given the ComfyUI model's current weights first.
 
     ``settings``: where SimpleTuner's config goes: ``metadata`` (``lycoris_config``), ``sidecar``
     (``lycoris_config.json`` beside the file), ``both``, ``none``, or ``final`` (metadata without
-    the tlora keys, as a final save may have). ``only``: diffusers paths to wrap (default: the
-    preset's Attention/FeedForward modules). ``prefix="lora_unet"``: lycoris' kohya-style names.
+    the tlora keys, as a final save may have). ``only``: diffusers module paths to wrap; else the
+    ``target_module`` classes, by default the family's attention and feed-forward classes.
+    ``prefix="lora_unet"``: lycoris' kohya-style names.
     """
+    from .families import pair_of
+
+    pair = pair_of(model_patcher)
+    pair.sync_from_comfy()
+    if target_module is None:
+        target_module = pair.kit.presets.get("family", pair.kit.presets["generic"])
+    lf = write_simpletuner(pair.diffusers_model, path, target_module, rank, alpha, min_rank=min_rank,
+                           tlora_alpha=tlora_alpha, seed=seed, dtype=dtype, settings=settings, only=only,
+                           prefix=prefix, sig_type=sig_type)
+    lf.targets = {f"{prefix}_{p.replace('.', '_')}": t for p, t in diffusers_targets(model_patcher).items()}
+    return lf
+
+
+def write_simpletuner(root: torch.nn.Module, path, target_module: Iterable[str], rank: int = 8,
+                      alpha: Optional[float] = None, *, min_rank: Optional[int] = 2, tlora_alpha: Optional[float] = 1.5,
+                      seed: int = 0, dtype=torch.float32, settings: str = "metadata",
+                      only: Optional[Iterable[str]] = None, prefix: str = "lycoris",
+                      sig_type: Optional[str] = None) -> LycorisFile:
+    """A T-LoRA saved as SimpleTuner saves one, on a real model (e.g. a diffusers transformer):
+    lycoris-lora's ``create_lycoris`` with SimpleTuner's preset (``target_module`` classes, or the
+    module paths ``only``), ``save_weights`` with the ``lycoris_config`` metadata (``settings``: as
+    ``write_lycoris``). The model is left as it was (its weights untouched, lycoris unhooked)."""
     from lycoris import create_lycoris
     from lycoris.modules.tlora import TLoraModule
 
-    from .diffusers_named import diffusers_copy
-
     path = Path(path)
-    dc = diffusers_copy(model_patcher)
-    root = _subset(dc.root, only) if only is not None else dc.root
+    preset = ({"target_module": [], "target_name": list(only), "use_fnmatch": True} if only is not None
+              else {"target_module": list(target_module)})
     cfg = {"algo": "tlora", "multiplier": 1.0, "linear_dim": rank, "linear_alpha": alpha if alpha is not None else rank,
-           "apply_preset": dict(preset or SIMPLETUNER_PRESET)}
+           "apply_preset": preset}
     if min_rank is not None:
         cfg["tlora_min_rank"] = min_rank
     if tlora_alpha is not None:
@@ -168,54 +165,13 @@ def write_lycoris(model_patcher, path, rank: int = 8, alpha: Optional[float] = N
         cfg["sig_type"] = sig_type
     kwargs = {k: v for k, v in cfg.items() if k not in ("multiplier", "linear_dim", "linear_alpha", "apply_preset")}
     with _lycoris_env() as LycorisNetwork:
-        LycorisNetwork.apply_preset(dict(cfg["apply_preset"], lora_prefix=prefix))
+        LycorisNetwork.apply_preset(dict(preset, lora_prefix=prefix))
         net = create_lycoris(root, cfg["multiplier"], cfg["linear_dim"], cfg["linear_alpha"], **kwargs)
-        net.apply_to()
+        net.apply_to()  # registers the modules with the network (its state_dict is the file)
+        net.restore()  # and gives the model its own forward back
     modules = {m.lora_name: m for m in net.loras if isinstance(m, TLoraModule)}
     if not modules:
-        raise RuntimeError("lycoris-lora wrapped no module")
-    train_(modules.values(), seed)
-    meta_cfg = dict(cfg)
-    if settings == "final":
-        meta_cfg.pop("tlora_min_rank", None)
-        meta_cfg.pop("tlora_alpha", None)
-    metadata = {"lycoris_config": json.dumps(meta_cfg)} if settings in ("metadata", "both", "final") else {}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    net.save_weights(str(path), dtype, metadata)
-    if settings in ("sidecar", "both"):
-        (path.parent / "lycoris_config.json").write_text(json.dumps(cfg, indent=2))
-    targets = {}
-    for path_, tgt in dc.targets.items():
-        targets[f"{prefix}_{path_.replace('.', '_')}"] = tgt
-    return LycorisFile(path, modules, cfg, net, targets)
-
-
-def write_simpletuner(root: torch.nn.Module, path, target_module: Iterable[str], rank: int = 8,
-                      alpha: Optional[float] = None, *, min_rank: Optional[int] = 2, tlora_alpha: Optional[float] = 1.5,
-                      seed: int = 0, dtype=torch.float32, settings: str = "metadata") -> LycorisFile:
-    """A T-LoRA saved as SimpleTuner saves one, on a real model (e.g. a diffusers transformer):
-    lycoris-lora's ``create_lycoris`` with SimpleTuner's preset (``target_module`` classes),
-    ``save_weights`` with the ``lycoris_config`` metadata (``settings``: as ``write_lycoris``).
-    The model's own weights are not changed: lycoris wraps its layers until ``restore()``."""
-    from lycoris import create_lycoris
-    from lycoris.modules.tlora import TLoraModule
-
-    path = Path(path)
-    cfg = {"algo": "tlora", "multiplier": 1.0, "linear_dim": rank, "linear_alpha": alpha if alpha is not None else rank,
-           "apply_preset": {"target_module": list(target_module)}}
-    if min_rank is not None:
-        cfg["tlora_min_rank"] = min_rank
-    if tlora_alpha is not None:
-        cfg["tlora_alpha"] = tlora_alpha
-    kwargs = {k: v for k, v in cfg.items() if k not in ("multiplier", "linear_dim", "linear_alpha", "apply_preset")}
-    with _lycoris_env() as LycorisNetwork:
-        LycorisNetwork.apply_preset(dict(cfg["apply_preset"], lora_prefix="lycoris"))
-        net = create_lycoris(root, cfg["multiplier"], cfg["linear_dim"], cfg["linear_alpha"], **kwargs)
-        net.apply_to()
-    modules = {m.lora_name: m for m in net.loras if isinstance(m, TLoraModule)}
-    if not modules:
-        net.restore()
-        raise RuntimeError(f"lycoris-lora wrapped no module with target_module {list(target_module)}")
+        raise RuntimeError(f"lycoris-lora wrapped no module with {preset}")
     train_(modules.values(), seed)
     meta_cfg = dict(cfg)
     if settings == "final":
@@ -237,8 +193,6 @@ def write_lycoris_native(model_patcher, path, module_paths: Iterable[str], rank:
 
     from lycoris import create_lycoris
     from lycoris.modules.tlora import TLoraModule
-
-    from .diffusers_named import Container
 
     dm = model_patcher.model.diffusion_model
     root = Container()

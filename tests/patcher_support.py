@@ -194,26 +194,16 @@ def no_gc_collect():
 
 
 def fp8_flux():
-    """The tiny Flux with its linear weights stored in fp8 and computed in fp32 (manual cast),
-    plus the same model with those weights dequantized to fp32 (the reference)."""
-    import comfy.supported_models
-    from devkit.tiny_models import FLUX_TINY, _patcher, seeded_init_
+    """The tiny Flux with its weights stored in fp8 and computed in fp32 (manual cast), as ComfyUI
+    loads an fp8 file, plus the same model with those weights dequantized to fp32 (the reference)."""
+    from devkit.families import comfy_model, flux
+    from devkit.tiny_models import tiny_flux
 
-    def build(weight_dtype, manual_cast):
-        cfg = comfy.supported_models.Flux(dict(FLUX_TINY))
-        cfg.set_inference_dtype(weight_dtype, manual_cast)
-        model = cfg.get_model({}, device="cpu")
-        seeded_init_(model.diffusion_model, 0)
-        return model
-
-    q = build(torch.float8_e4m3fn, torch.float32)
-    with torch.no_grad():
-        for mod in q.diffusion_model.modules():
-            if isinstance(mod, torch.nn.Linear):
-                mod.weight.data = mod.weight.data.to(torch.float8_e4m3fn)
-    d = build(torch.float32, None)
-    d.diffusion_model.load_state_dict({k: v.float() for k, v in q.diffusion_model.state_dict().items()})
-    return _patcher(q), _patcher(d)
+    sd = tiny_flux(seed=0).model.diffusion_model.state_dict()
+    q = comfy_model(sd, "Flux", flux.KIT.detection_fix, dtype=torch.float8_e4m3fn, manual_cast=torch.float32)
+    d = comfy_model({k: v.float() for k, v in q.model.diffusion_model.state_dict().items()}, "Flux",
+                    flux.KIT.detection_fix)
+    return q, d
 
 
 class QuantLinear(torch.nn.Module):

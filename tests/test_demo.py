@@ -146,11 +146,9 @@ def _reference_images(assets, prompt) -> dict:
     from lycoris import create_lycoris_from_weights
     from lycoris.modules.tlora import clear_timestep_mask, compute_timestep_mask, set_timestep_mask
 
-    from devkit.diffusers_named import diffusers_copy
-
     model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(assets["paths"]["checkpoint"]))
     with demo_assets.fast_lycoris():
-        network, _ = create_lycoris_from_weights(1.0, str(assets["paths"]["lora"]), diffusers_copy(model).root)
+        network, _ = create_lycoris_from_weights(1.0, str(assets["paths"]["lora"]), demo_assets.diffusers_unet(model))
     keymap = comfy.lora.model_lora_keys_unet(model.model, {})
     cfg = assets["lycoris_config"]
     R, r_min, alpha = cfg["linear_dim"], cfg["tlora_min_rank"], cfg["tlora_alpha"]

@@ -48,17 +48,18 @@ def models(comfy):
 
 
 def _lycoris_placed(model_patcher, rank: int, alpha: float, seed: int):
-    """A LyCORIS tlora network trained (perturbed) on the diffusers-named copy, and the pack's
+    """A LyCORIS tlora network trained (perturbed) on the model's diffusers twin, and the pack's
     adapters for it with the base terms rebuilt from the ComfyUI weights (SVD), as the reader must."""
     import lycoris
     from lycoris import LycorisNetwork, create_lycoris
 
-    from devkit.diffusers_named import diffusers_copy
+    from devkit.families import pair_of
 
-    dc = diffusers_copy(model_patcher)
-    LycorisNetwork.apply_preset({"target_module": ["Attention", "FeedForward"]})
+    pair = pair_of(model_patcher)
+    pair.sync_from_comfy()
+    LycorisNetwork.apply_preset({"target_module": pair.kit.presets.get("family", pair.kit.presets["generic"])})
     with S.no_gc_collect():  # lycoris runs gc.collect() per module: seconds each in a big test process
-        net = create_lycoris(dc.root, 1.0, linear_dim=rank, linear_alpha=alpha, algo="tlora")
+        net = create_lycoris(pair.diffusers_model, 1.0, linear_dim=rank, linear_alpha=alpha, algo="tlora")
     g = torch.Generator().manual_seed(seed)
     keys = S.model_keys(model_patcher)
     sd = model_patcher.model.state_dict()

@@ -39,13 +39,14 @@ def simpletuner_rank(t: float, T: int = 1000) -> int:
     return min(RANK, int(math.floor(u ** TLORA_ALPHA * (RANK - MIN_RANK))) + MIN_RANK)
 
 
-def separate_spectra_(root: torch.nn.Module, seed: int = 5, decay: float = 0.9) -> None:
+def separate_spectra_(root: torch.nn.Module, seed: int = 5, decay: float = 0.9, keep: tuple = ()) -> None:
     """Every Linear weight gets well separated singular values (random singular vectors): the base
-    terms lycoris-lora took by SVD are then defined at every mask boundary, as for trained weights."""
+    terms lycoris-lora took by SVD are then defined at every mask boundary, as for trained weights.
+    Modules under the path prefixes ``keep`` (``Kit.keep_init``) keep their weights."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for _, mod in sorted(root.named_modules(), key=lambda kv: kv[0]):
-            if isinstance(mod, torch.nn.Linear):
+        for name, mod in sorted(root.named_modules(), key=lambda kv: kv[0]):
+            if isinstance(mod, torch.nn.Linear) and not name.startswith(keep):
                 o, i = mod.weight.shape
                 k = min(o, i)
                 u = torch.linalg.qr(torch.randn(o, k, generator=gen, dtype=torch.float64))[0]
@@ -74,7 +75,7 @@ def test_simpletuner_file_is_exact_at_six_noise_levels(family, preset, loras):
     kit = F.kit(family)
     if not F.runs_here(kit):
         pytest.skip(f"ComfyUI {'.'.join(map(str, F.host_version()))} has no {family} model")
-    pair = F.build(kit, seed=11, prepare=separate_spectra_)
+    pair = F.build(kit, seed=11, prepare=lambda m: separate_spectra_(m, keep=kit.keep_init))
     base_sd = {k: v.detach().clone() for k, v in pair.diffusers_model.state_dict().items()}
     lfile = tf.write_simpletuner(pair.diffusers_model, loras / f"{family}.safetensors", kit.presets[preset],
                                  rank=RANK, alpha=RANK / 2, min_rank=MIN_RANK, tlora_alpha=TLORA_ALPHA, seed=3)

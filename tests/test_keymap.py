@@ -234,7 +234,7 @@ def test_function_target_swapped_halves(mods, tiny_flux, tmp_path):
     from lycoris import create_lycoris
     from lycoris.modules.tlora import TLoraModule
 
-    from devkit.diffusers_named import Container
+    from devkit.tlora_files import Container
 
     comfy_w = tiny_flux.model.diffusion_model.final_layer.adaLN_modulation[1].weight.detach()
     root = Container()

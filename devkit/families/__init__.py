@@ -39,10 +39,23 @@ class Kit:
     latent_shape: tuple  # the latent one sampling call gets (a frame axis for video families)
     # preset name -> lycoris ``target_module`` list (SimpleTuner's documented generic preset, the family's classes)
     presets: dict = field(default_factory=lambda: {"generic": ["Attention", "FeedForward"]})
-    comfy_sizes: dict = field(default_factory=dict)  # direction "comfy": sizes over the host's defaults
+    # direction "comfy": sizes over the host's defaults; or a function giving them on the host in
+    # use, where hosts' model classes take different fields (Flux gained txt_ids_dims in 0.28)
+    comfy_sizes: object = field(default_factory=dict)
     # direction "comfy": diffusers' converter (ComfyUI layout -> diffusers): a function name of
     # diffusers.loaders.single_file_utils, or a function of the state dict calling one
     converter: Optional[object] = None
+    # where ComfyUI's detection hard-codes a size of the real model (Flux: 24 heads), the fields that
+    # the tiny one needs instead, from the detected config: the host's other defaults stay
+    detection_fix: Optional[Callable[[dict], dict]] = None
+    # direction "comfy": name prefixes of ComfyUI weights the diffusers model does not have (LTX-2's
+    # text connectors, a model of their own in diffusers, which its converter drops): they keep
+    # the ComfyUI layout's values
+    comfy_only: tuple = ()
+    # diffusers module path prefixes whose weights keep the seeded init where the exactness test gives
+    # the others decaying spectra: in a model without biases (Flux.2) decayed modulation and time
+    # layers shrink every gate to ~1e-3, and the adapter's effect below fp32 rounding of the output
+    keep_init: tuple = ()
     min_host: tuple = (0, 3, 75)  # the first ComfyUI version with this family
     video: bool = False
     # six noise levels to check at (flow sigmas by default; discrete kits give timesteps' sigmas)
@@ -60,9 +73,60 @@ class Pair:
     diffusers_model: torch.nn.Module
     model: object  # the ComfyUI ModelPatcher
     to_comfy: Callable[[dict], dict]  # diffusers state dict -> ComfyUI diffusion-model state dict
+    from_comfy: Optional[Callable[[dict], dict]] = None  # the way back (None: found by probing when needed)
 
     def comfy_state_dict(self, diffusers_sd: Optional[dict] = None) -> dict:
         return self.to_comfy(dict(diffusers_sd if diffusers_sd is not None else self.diffusers_model.state_dict()))
+
+    def sync_from_comfy(self) -> None:
+        """The diffusers model takes the ComfyUI model's current weights (tests change those in place)."""
+        if self.from_comfy is None:
+            self.from_comfy = inverse_by_probe(self.to_comfy, dict(self.diffusers_model.state_dict()))
+        sd = {n: t.detach().float() for n, t in self.model.model.diffusion_model.state_dict().items()}
+        with torch.no_grad():
+            self.diffusers_model.load_state_dict(self.from_comfy(sd), strict=False)
+
+    def placements(self) -> dict:
+        """diffusers Linear module path -> (ComfyUI weight key, (0, offset, size) or None), found by
+        where its weight's values are in the ComfyUI model: a whole weight, or rows of a fused one.
+        Layers ComfyUI stores transformed (Flux's swapped norm_out halves) have no placement."""
+        comfy = {n: t for n, t in self.model.model.diffusion_model.state_dict().items() if t.ndim == 2}
+        out = {}
+        for path, mod in self.diffusers_model.named_modules():
+            if not isinstance(mod, torch.nn.Linear):
+                continue
+            w = mod.weight.detach()
+            for key, c in comfy.items():
+                if c.shape[1] != w.shape[1] or c.shape[0] < w.shape[0]:
+                    continue
+                starts = (c.to(w.dtype) == w[0]).all(1).nonzero().reshape(-1).tolist()
+                off = next((o for o in starts if torch.equal(c[o:o + w.shape[0]].to(w.dtype), w)), None)
+                if off is not None:
+                    out[path] = (key, None if c.shape[0] == w.shape[0] else (0, off, w.shape[0]))
+                    break
+        return out
+
+
+def twin(model_patcher, diffusers_class: str, diffusers_config: dict, converter: Callable[[dict], dict]) -> torch.nn.Module:
+    """A diffusers model with a ComfyUI model's current weights, by diffusers' own converter (for a
+    model not built by ``build``, e.g. one ComfyUI loaded from a checkpoint file)."""
+    import diffusers
+
+    dm = getattr(diffusers, diffusers_class)(**diffusers_config).float().eval()
+    sd = {n: t.detach().float() for n, t in model_patcher.model.diffusion_model.state_dict().items()}
+    missing, unexpected = dm.load_state_dict(converter(sd), strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"{diffusers_class}: the converted weights do not fit ({missing[:3]} missing, "
+                           f"{unexpected[:3]} unexpected)")
+    return dm
+
+
+def pair_of(model_patcher) -> Pair:
+    """The kit pair a ComfyUI model was built from (``build``; clones share it)."""
+    pair = getattr(model_patcher.model, "devkit_pair", None)
+    if pair is None:
+        raise ValueError("this model was not built by devkit.families.build: it has no diffusers twin")
+    return pair
 
 
 def kits() -> list[Kit]:
@@ -106,22 +170,34 @@ def diffusers_model(k: Kit) -> torch.nn.Module:
     return getattr(diffusers, k.diffusers_class)(**k.diffusers_config).float().eval()
 
 
-def comfy_model(sd: dict, comfy_class: str):
+def comfy_model(sd: dict, comfy_class: str, detection_fix: Optional[Callable[[dict], dict]] = None,
+                dtype=torch.float32, manual_cast=None):
     """A ComfyUI ModelPatcher from a diffusion-model state dict, as ComfyUI's UNETLoader makes it
     (``load_diffusion_model_state_dict``: conversion of diffusers files, detection of the config),
-    in fp32; where detection finds no config for such tiny sizes (the UNets' match tables list
-    real sizes only), the named config class with the config ComfyUI's detection derived."""
+    with weights in ``dtype`` (computed in ``manual_cast`` where given). Where detection finds no config for such tiny sizes (the UNets' match tables list
+    real sizes only) or hard-codes a real size (``detection_fix``), the named config class with the
+    config ComfyUI's detection derived (and the fix) after ComfyUI's own diffusers conversion."""
     import comfy.model_detection
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.sd
     import comfy.supported_models
 
-    patcher = comfy.sd.load_diffusion_model_state_dict(dict(sd), model_options={"dtype": torch.float32})
+    patcher = None
+    if detection_fix is None and manual_cast is None:
+        patcher = comfy.sd.load_diffusion_model_state_dict(dict(sd), model_options={"dtype": dtype})
     if patcher is None:
+        # ComfyUI's loader order: its own layout first, diffusers' conversion only where that finds
+        # nothing (a ComfyUI NextDiT's x_embedder.weight would read as a diffusers Flux file)
         unet_config = comfy.model_detection.detect_unet_config(sd, "")
+        converted = None if unet_config is not None else comfy.model_detection.convert_diffusers_mmdit(dict(sd), "")
+        if converted is not None:
+            sd = converted
+            unet_config = comfy.model_detection.detect_unet_config(sd, "")
+        if detection_fix is not None:
+            unet_config.update(detection_fix(unet_config))
         config = getattr(comfy.supported_models, comfy_class)(unet_config)
-        config.set_inference_dtype(torch.float32, None)
+        config.set_inference_dtype(dtype, manual_cast)
         model = config.get_model(sd, "")
         missing, unexpected = model.diffusion_model.load_state_dict(sd, strict=False)
         if missing or unexpected:
@@ -140,12 +216,13 @@ def _comfy_layout(k: Kit, seed: int) -> dict:
     ComfyUI itself derives from such a file)."""
     import comfy.supported_models
 
-    config = getattr(comfy.supported_models, k.comfy_class)(dict(k.comfy_sizes))
+    sizes = k.comfy_sizes() if callable(k.comfy_sizes) else k.comfy_sizes
+    config = getattr(comfy.supported_models, k.comfy_class)(dict(sizes))
     config.set_inference_dtype(torch.float32, None)
     first = config.get_model({}, "")
     seeded_init_(first.diffusion_model, seed)
     sd = {n: t.detach().clone() for n, t in first.diffusion_model.state_dict().items()}
-    detected = comfy_model(sd, k.comfy_class).model.diffusion_model.state_dict()
+    detected = comfy_model(sd, k.comfy_class, k.detection_fix).model.diffusion_model.state_dict()
     if {n: tuple(t.shape) for n, t in detected.items()} != {n: tuple(t.shape) for n, t in sd.items()}:
         raise RuntimeError(f"{k.family}: ComfyUI's detection sizes these weights differently; pick sizes it reproduces")
     return sd
@@ -205,23 +282,39 @@ def build(k: Kit, seed: int = 0, prepare: Optional[Callable[[torch.nn.Module], N
             to_comfy = _diffusers_to_comfy(k)
         else:
             layout = _comfy_layout(k, seed)
+            kept = {n: t for n, t in layout.items() if n.startswith(tuple(k.comfy_only))} if k.comfy_only else {}
+            layout = {n: t for n, t in layout.items() if n not in kept}
             convert = _converter(k)
             missing, unexpected = dm.load_state_dict(convert(layout), strict=False)
             if missing or unexpected:
                 raise RuntimeError(f"{k.family}: diffusers' converter gives keys the diffusers model lacks or misses "
                                    f"({missing[:3]} missing, {unexpected[:3]} unexpected)")
-            to_comfy = inverse_by_probe(convert, layout)
+            to_comfy = _keeping(inverse_by_probe(convert, layout), kept)
         if prepare is not None:
             prepare(dm)
-        model = comfy_model(to_comfy(dict(dm.state_dict())), k.comfy_class)
-    return Pair(k, dm, model, to_comfy)
+        model = comfy_model(to_comfy(dict(dm.state_dict())), k.comfy_class, k.detection_fix)
+    from_comfy = None if k.direction == "diffusers" else (lambda sd: convert({n: t for n, t in sd.items() if n not in kept}))
+    pair = Pair(k, dm, model, to_comfy, from_comfy)
+    model.model.devkit_pair = pair
+    return pair
+
+
+def _keeping(inverse: Callable[[dict], dict], kept: dict) -> Callable[[dict], dict]:
+    """``inverse`` plus the ComfyUI-only weights ``kept`` (``Kit.comfy_only``) as they are."""
+    if not kept:
+        return inverse
+    return lambda sd: {**inverse(sd), **{n: t.clone() for n, t in kept.items()}}
 
 
 def _diffusers_to_comfy(k: Kit) -> Callable[[dict], dict]:
     """Direction "diffusers": ComfyUI's own loader converts; its model's state dict is the result."""
 
     def to_comfy(sd: dict) -> dict:
-        return {n: t.detach().clone() for n, t in comfy_model(sd, k.comfy_class).model.diffusion_model.state_dict().items()}
+        # copies: ComfyUI's convert_diffusers_mmdit writes its swap_scale_shift results into the
+        # given tensors (SD3's last context norm and norm_out), which would change the caller's weights
+        sd = {n: t.detach().clone() for n, t in sd.items()}
+        model = comfy_model(sd, k.comfy_class, k.detection_fix).model.diffusion_model
+        return {n: t.detach().clone() for n, t in model.state_dict().items()}
 
     return to_comfy
 
