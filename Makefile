@@ -1,5 +1,6 @@
 # Two commands do everything on a fresh machine: `make demo` and `make test` (each sets up first).
-PY := .venv/bin/python
+# COMFYUI_PATH=/path/to/ComfyUI runs them on that ComfyUI instead, in an environment of its own.
+PY = $(shell bash scripts/venv-dir.sh)/bin/python
 
 .PHONY: setup test demo bench clean
 setup:

@@ -46,7 +46,7 @@ class MergedRun:
         self.weights_for = weights_for  # the patch's per-device adapter copies
         self.usable: Optional[bool] = None  # decided at the first call (the weights are loaded by then)
         self.why = ""
-        self.slots: list = []  # (weight slice, its copy, entry)
+        self.slots: list = []  # _Slot: a weight (or a slice of it) with its copy and adapters
         self.owners: list[int] = []  # id() of the weights merged into (``_MERGING``)
         self.rank = 0  # the rank the weights carry
 
@@ -63,14 +63,12 @@ class MergedRun:
             return False
         target = 0 if rank is None else rank
         if target != self.rank:
-            w0 = self.slots[0][0]
+            w0 = self.slots[0].view
             prepared = self.weights_for(w0.device, w0.dtype)
             carried, self.rank = self.rank, -1  # unknown until every slice is written (restore() puts all back anyway)
             with torch.no_grad():
-                for view, copy, entry in self.slots:
-                    ad = entry.adapter
-                    rt.merge_prefix_(view, copy, prepared[entry.index], min(target, ad.rank) * ad.group, self.strength,
-                                     min(carried, ad.rank) * ad.group)
+                for slot in self.slots:
+                    slot.carry(prepared, target, carried, self.strength)
             self.rank = target
         return rank is not None
 
@@ -79,8 +77,8 @@ class MergedRun:
         try:
             if self.rank != 0:
                 with torch.no_grad():
-                    for view, copy, _ in self.slots:
-                        view.copy_(copy)
+                    for slot in self.slots:
+                        slot.view.copy_(slot.copy)
         finally:
             for o in self.owners:
                 _MERGING.pop(o, None)
@@ -96,23 +94,46 @@ class MergedRun:
                 self.why = f"{path}: {why}"
                 return False
             owners.append(id(w))
-            for e in entries:
-                view = w if e.out_slice is None else w.narrow(0, e.out_slice[0], e.out_slice[1])
-                slots.append((view, e))
-        if len({v.dtype for v, _ in slots}) > 1:
+            spans = sorted(e.out_slice or (0, w.shape[0]) for e in entries)
+            if all(a[0] + a[1] <= b[0] for a, b in zip(spans, spans[1:])):  # disjoint: a copy of each slice
+                slots += [_Slot(w if e.out_slice is None else w.narrow(0, *e.out_slice), [(e, None)]) for e in entries]
+            else:  # adapters overlapping on this weight (e.g. a fused layer's slice and the whole of it)
+                slots.append(_Slot(w, [(e, e.out_slice) for e in entries]))
+        if len({slot.view.dtype for slot in slots}) > 1:
             self.why = "the adapted weights differ in dtype"
             return False
-        need = sum(v.numel() * v.element_size() for v, _ in slots)
+        need = sum(slot.view.numel() * slot.view.element_size() for slot in slots)
         free = comfy.model_management.get_free_memory(device)
         if need > MAX_FREE_SHARE * free:
             self.why = f"a copy of the adapted weights ({need / 2**20:.0f} MB) does not fit in free memory ({free / 2**20:.0f} MB)"
             return False
         with torch.no_grad():
-            self.slots = [(v, v.clone(), e) for v, e in slots]
+            for slot in slots:
+                slot.copy = slot.view.clone()
+        self.slots = slots
         self.owners = owners
         for o in owners:
             _MERGING[o] = self.key
         return True
+
+
+class _Slot:
+    """A weight, or the rows of it one adapter adapts, with its untouched copy; ``parts``: the
+    adapters on it, each with its rows in ``view`` (None: all of it)."""
+
+    __slots__ = ("view", "copy", "parts")
+
+    def __init__(self, view: torch.Tensor, parts: list):
+        self.view, self.copy, self.parts = view, None, parts
+
+    def carry(self, prepared: list, target: int, carried: int, strength: float) -> None:
+        ks = [(e, min(target, e.adapter.rank) * e.adapter.group, min(carried, e.adapter.rank) * e.adapter.group, rows)
+              for e, rows in self.parts]
+        if len(ks) == 1:
+            e, k, c, _ = ks[0]
+            rt.merge_prefix_(self.view, self.copy, prepared[e.index], k, strength, c)
+        else:  # several adapters on one weight: their deltas summed onto the copy
+            rt.merge_sum_(self.view, self.copy, [(prepared[e.index], k, rows) for e, k, _c, rows in ks], strength)
 
 
 def _unmergeable(module, w, device, key: str) -> str:

@@ -180,3 +180,26 @@ def test_comfy_hooks_on_the_conditioning_keep_it_per_layer(flux, caplog):
     assert torch.equal(got, _sample(patcher.apply_tlora(m, targets, sched.Schedule(max_rank=R), 1.0, "h"), hooked))
     assert not torch.equal(got, _sample(patcher.apply_tlora(m, targets, sched.Schedule(max_rank=R), 1.0, "h"), cond))
     assert _unchanged(m, before)
+
+
+def test_a_weight_adapted_twice_merges_as_per_layer(flux, monkeypatch):
+    """A file whose modules overlap on one weight (a slice of a fused qkv, the same slice again, and
+    the whole qkv, as name aliases can make): merged, every adapter's delta is summed onto the
+    weight, as the per-layer hooks add them."""
+    m, placed, cond = flux
+    before = _weights(m)
+    twice = (S.place(m, ["double_blocks_0_img_attn_qkv"], S.random_plain(R, seed=45), prefix="lora_unet_")
+             + S.place(m, ["transformer_blocks_0_attn_to_q"], S.random_plain(R, seed=46)))
+    targets = [p.bound for p in placed + twice]
+    assert len({t.module for t in targets if t.module == "double_blocks.0.img_attn.qkv"}) == 1
+    schedule = sched.Schedule(max_rank=R)
+    per_layer = _sample(patcher.apply_tlora(m, targets, schedule, 0.9, "layers"), cond)
+    rewrites, attached = _spy(monkeypatch)
+    merged = _sample(patcher.apply_tlora(m, targets, schedule, 0.9, "merged", merge=True), cond)
+    monkeypatch.undo()
+    assert rewrites and not attached  # merged into the weights, no hooks
+    base = _sample(m, cond)
+    assert S.rel_err(merged, per_layer, base) < 1e-5
+    without = _sample(patcher.apply_tlora(m, [p.bound for p in placed], schedule, 0.9, "once", merge=True), cond)
+    assert S.rel_err(without, per_layer, base) > 1e-2  # the overlapping adapters matter
+    assert _unchanged(m, before)

@@ -53,13 +53,19 @@ def test_loader_contract(object_info):
 def test_schedule_contract(object_info):
     node = object_info["TLoraSchedule"]
     assert node["display_name"] == "T-LoRA Schedule"
-    assert node["input_order"] == {"required": ["max_rank", "min_rank", "alpha", "mode", "max_timestep"]}
+    assert node["input_order"] == {"required": ["max_rank", "min_rank", "alpha", "mode", "max_timestep"],
+                                   "optional": ["boundary_timestep", "timestep_offset", "truncate_t"]}
     req = node["input"]["required"]
     assert req["max_rank"][0] == "INT" and req["max_rank"][1]["default"] == 0 and req["max_rank"][1]["min"] == 0
     assert req["min_rank"][0] == "INT" and req["min_rank"][1]["default"] == 1
     assert req["alpha"][0] == "FLOAT" and req["alpha"][1]["default"] == 1.0 and req["alpha"][1]["min"] > 0
     assert req["mode"][0] == "COMBO" and req["mode"][1]["options"] == ["timestep", "step_index"]
-    assert req["max_timestep"][0] == "INT" and req["max_timestep"][1]["default"] == 1000
+    assert req["max_timestep"][0] == "FLOAT" and req["max_timestep"][1]["default"] == 1000.0
+    assert req["max_timestep"][1]["min"] < 1  # a float T: 1.0 for models whose time runs over [0, 1]
+    opt = node["input"]["optional"]  # optional: prompts made before them still run
+    assert opt["boundary_timestep"][0] == "FLOAT" and opt["boundary_timestep"][1]["default"] == 0.0
+    assert opt["timestep_offset"][0] == "FLOAT" and opt["timestep_offset"][1]["default"] == 0.0
+    assert opt["truncate_t"][0] == "COMBO" and opt["truncate_t"][1]["options"] == ["as in the file", "integer", "none"]
     assert node["output"] == ["TLORA_SCHEDULE"]
 
 

@@ -135,6 +135,20 @@ def merge_prefix_(weight: torch.Tensor, base: torch.Tensor, prepared: Prepared, 
     torch.addmm(base, u_t.t(), d_k, alpha=strength, out=weight)
 
 
+def merge_sum_(weight: torch.Tensor, base: torch.Tensor, parts: Sequence, strength: float) -> None:
+    """Make ``weight`` carry ``base + strength * sum(up[:, :k] @ down[:k])`` over ``parts`` =
+    ``(prepared, k, out_rows)`` (rows ``(offset, size)`` of the weight that adapter adds to, None:
+    all): adapters overlapping on one weight, summed in fp32 and rounded once into ``weight``."""
+    acc = base.float() if base.dtype != torch.float32 else base.clone()
+    for prepared, k, rows in parts:
+        if k <= 0:
+            continue
+        d_k, u_t = prepared.views(k)
+        target = acc if rows is None else acc.narrow(0, rows[0], rows[1])
+        target.addmm_(u_t.t().float(), d_k.float(), alpha=strength)
+    weight.copy_(acc)
+
+
 def prefix_mask(ranks: Sequence[int], group: int, dtype=torch.float32, device=None) -> torch.Tensor:
     """(B, max(ranks) * group) binary mask: the first ``rank * group`` columns of each row on."""
     kmax = max(ranks) * group

@@ -13,8 +13,9 @@ export function rankAtProgress(u, R, rMin, alpha) {
 }
 
 export function rankAtTimestep(t, p) {
-  t = Math.trunc(t); // LyCORIS / SimpleTuner truncate t before the formula
-  return rankAtProgress((p.T - t) / p.T, p.R, p.rMin, p.alpha);
+  t += p.offset;
+  if (p.truncate) t = Math.trunc(t); // LyCORIS / SimpleTuner / kohya truncate t before the formula
+  return rankAtProgress((p.T - t) / (p.T - p.boundary), p.R, p.rMin, p.alpha);
 }
 
 function readParams(node) {
@@ -30,7 +31,10 @@ function readParams(node) {
     rMin,
     alpha: Number(get("alpha", 1.0)),
     mode: String(get("mode", "timestep")),
-    T: Math.max(1, Math.round(Number(get("max_timestep", 1000)))),
+    T: Math.max(0.001, Number(get("max_timestep", 1000))),
+    boundary: Math.max(0, Number(get("boundary_timestep", 0))),
+    offset: Number(get("timestep_offset", 0)),
+    truncate: String(get("truncate_t", "as in the file")) !== "none", // "as in the file": drawn as most files do
   };
 }
 
@@ -41,6 +45,7 @@ function signature(p) {
 function problem(p) {
   if (!(p.alpha > 0) || !Number.isFinite(p.alpha)) return "alpha must be > 0";
   if (p.rMin > p.R) return `min_rank ${p.rMin} is above max_rank ${p.R}`;
+  if (!(p.boundary < p.T)) return `boundary_timestep ${p.boundary} is not below max_timestep ${p.T}`;
   return null;
 }
 
@@ -131,7 +136,7 @@ function draw(canvas, p) {
   canvas.dataset.ranks = JSON.stringify(ranks);
   canvas.dataset.params = JSON.stringify(p);
   canvas.dataset.curve = JSON.stringify(points.map((q) => q[2]));
-  canvas.title = TABLE_T.map((t, i) => `t=${Math.round(t * p.T / 1000)}: ${ranks[i]}`).join("   ");
+  canvas.title = TABLE_T.map((t, i) => `t=${+(t * p.T / 1000).toPrecision(4)}: ${ranks[i]}`).join("   ");
 }
 
 function attachCurve(node) {

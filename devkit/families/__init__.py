@@ -53,9 +53,14 @@ class Kit:
     # the ComfyUI layout's values
     comfy_only: tuple = ()
     # diffusers module path prefixes whose weights keep the seeded init where the exactness test gives
-    # the others decaying spectra: in a model without biases (Flux.2) decayed modulation and time
-    # layers shrink every gate to ~1e-3, and the adapter's effect below fp32 rounding of the output
+    # the others decaying spectra (layers no preset adapts): in a model without biases (Flux.2)
+    # decayed modulation and time layers shrink every gate to ~1e-3, and the adapter's effect below
+    # fp32 rounding of the output; wide embedders (HunyuanVideo 1.5's ByT5 mapper) only cost time
     keep_init: tuple = ()
+    # direction "diffusers": (old, new) key prefixes renamed before ComfyUI's loader sees the diffusers
+    # state dict, for layers no preset adapts that ComfyUI's conversion knows by another family's
+    # name (LongCat-Image's time_embed, which ComfyUI's Flux conversion calls time_text_embed)
+    diffusers_renames: tuple = ()
     min_host: tuple = (0, 3, 75)  # the first ComfyUI version with this family
     video: bool = False
     # six noise levels to check at (flow sigmas by default; discrete kits give timesteps' sigmas)
@@ -63,6 +68,9 @@ class Kit:
     # the timestep SimpleTuner computes the mask from at the sigma ComfyUI samples with (its
     # pipelines, written out from its source: flow families 1000 * sigma)
     simpletuner_t: Callable = field(default=lambda model_sampling, sigma: 1000.0 * float(sigma))
+    # how many distinct masks the six noise levels must cover (Cosmos: its EDM sigmas, at most 80 of
+    # SimpleTuner's T = 1000, give only two)
+    min_masks: int = 3
 
 
 @dataclass
@@ -312,11 +320,15 @@ def _diffusers_to_comfy(k: Kit) -> Callable[[dict], dict]:
     def to_comfy(sd: dict) -> dict:
         # copies: ComfyUI's convert_diffusers_mmdit writes its swap_scale_shift results into the
         # given tensors (SD3's last context norm and norm_out), which would change the caller's weights
-        sd = {n: t.detach().clone() for n, t in sd.items()}
+        sd = {_renamed(n, k.diffusers_renames): t.detach().clone() for n, t in sd.items()}
         model = comfy_model(sd, k.comfy_class, k.detection_fix).model.diffusion_model
         return {n: t.detach().clone() for n, t in model.state_dict().items()}
 
     return to_comfy
+
+
+def _renamed(name: str, renames: tuple) -> str:
+    return next((new + name[len(old):] for old, new in renames if name.startswith(old)), name)
 
 
 # --- sampling inputs -----------------------------------------------------------------------------
