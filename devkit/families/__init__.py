@@ -243,6 +243,32 @@ def _converter(k: Kit) -> Callable[[dict], dict]:
     return lambda sd: fn(dict(sd))
 
 
+def with_split_sizes(converter: Callable[[dict], dict], sizes: dict) -> Callable[[dict], dict]:
+    """``converter`` (a diffusers single-file converter) with the fused-layer split sizes it
+    hard-codes for the real model (``sizes``: real tuple -> tiny tuple) replaced by the tiny
+    model's, for the duration of each call: its ``torch.split`` is the only thing that changes."""
+    import types
+
+    from diffusers.loaders import single_file_utils
+
+    def split(tensor, split_size_or_sections, dim=0):
+        if isinstance(split_size_or_sections, (list, tuple)):
+            split_size_or_sections = sizes.get(tuple(split_size_or_sections), split_size_or_sections)
+        return torch.split(tensor, split_size_or_sections, dim=dim)
+
+    def convert(sd: dict) -> dict:
+        real = single_file_utils.torch
+        shim = types.SimpleNamespace(**{n: getattr(torch, n) for n in dir(torch) if not n.startswith("__")})
+        shim.split = split
+        single_file_utils.torch = shim
+        try:
+            return converter(sd)
+        finally:
+            single_file_utils.torch = real
+
+    return convert
+
+
 def inverse_by_probe(convert: Callable[[dict], dict], layout: dict) -> Callable[[dict], dict]:
     """The exact inverse of ``convert`` (ComfyUI layout -> diffusers) on state dicts shaped like
     ``layout``, for converters that only move elements (rename, split, concatenate, transpose):
