@@ -52,18 +52,21 @@ def bind_tlora(model_patcher, tfile: TLoRAFile, cache_dir=None, progress: bool =
     family = _family_label(model_patcher.model)
     placed, unmatched = _place(model_patcher.model, tfile)
     if not placed:
+        said = families.trained_for_note(tfile.metadata)
         raise TLoRAFormatError(tfile.path, f"nothing matches this model: a {tfile.format} file with "
                                            f"{len(unmatched)} modules, none of which is a layer of this {family} "
-                                           f"model (e.g. {', '.join(sorted(unmatched)[:4])}). Was it trained for "
-                                           "another model family?")
+                                           f"model (e.g. {', '.join(sorted(unmatched)[:4])})."
+                                           + (said or " Was it trained for another model family?"))
     jobs, skipped = _validate(model_patcher, tfile, placed, family)
-    if (unmatched or skipped) and not allow_partial:
-        missing = sorted(unmatched) + [s for s in skipped]
-        raise TLoRAFormatError(tfile.path, f"only {len(jobs)} of the file's {len(tfile.modules)} diffusion-model "
-                                           f"modules fit this {family} model; {len(missing)} have no layer here that "
-                                           f"can take them (e.g. {'; '.join(missing[:4])}). Applied without them it "
-                                           "would not give the image it was trained for: load it on the model it was "
-                                           "trained for, or set allow_partial to apply the rest anyway")
+    missing = sorted(unmatched) + skipped + [f"{n} (a convolution)" for n in tfile.unsupported]
+    if missing and not allow_partial:
+        total = len(tfile.modules) + len(tfile.unsupported)
+        raise TLoRAFormatError(tfile.path, f"only {len(jobs)} of the file's {total} diffusion-model modules fit this "
+                                           f"{family} model; {len(missing)} have no layer here that can take them "
+                                           f"(e.g. {'; '.join(missing[:4])}). Applied without them it would not give "
+                                           "the image it was trained for: load it on the model it was trained for, "
+                                           "or set allow_partial to apply the rest anyway."
+                                           + families.trained_for_note(tfile.metadata))
     notes = list(tfile.notes)
     if skipped:
         notes.append(f"{len(skipped)} module(s) skipped: " + "; ".join(skipped[:3]) + (" ..." if len(skipped) > 3 else ""))

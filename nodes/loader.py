@@ -41,6 +41,7 @@ def info_text(lora_name: str, tfile, bound, schedule: sched.Schedule, strength: 
 
 
 APPLY_MODES = ["per layer", "merge"]
+MASKS = ["timestep mask", "all ranks"]
 
 
 class TLoraLoader(io.ComfyNode):
@@ -69,6 +70,10 @@ class TLoraLoader(io.ComfyNode):
                 io.Boolean.Input("allow_partial", default=False, optional=True,
                                  tooltip="Apply the file even when some of its modules have no layer in this model "
                                          "(off: that is an error, since the image would differ from the trained one)."),
+                io.Combo.Input("mask", options=MASKS, default=MASKS[0], optional=True,
+                               tooltip="timestep mask: the ranks the schedule allows at each step's noise level, as "
+                                       "the T-LoRA was trained (and as the paper samples). all ranks: every rank at "
+                                       "every step, as a plain LoRA (some trainers' own samplers run it so)."),
                 TLoraScheduleType.Input("schedule", optional=True,
                                         tooltip="Overrides for the rank schedule (T-LoRA Schedule node). Without it, "
                                                 "the file's training settings are used, else min_rank 1, alpha 1.0, "
@@ -82,7 +87,11 @@ class TLoraLoader(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, lora_name=None):
+    def validate_inputs(cls, lora_name=None, apply=None, mask=None):
+        if apply is not None and apply not in APPLY_MODES:
+            return f"apply must be one of {', '.join(APPLY_MODES)}, got {apply!r}"
+        if mask is not None and mask not in MASKS:
+            return f"mask must be one of {', '.join(MASKS)}, got {mask!r}"
         return check_lora_name(lora_name)
 
     @classmethod
@@ -96,12 +105,15 @@ class TLoraLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, lora_name: str, strength_model: float, apply: str = APPLY_MODES[0],
-                allow_partial: bool = False, schedule: Optional[ScheduleOverrides] = None) -> io.NodeOutput:
+                allow_partial: bool = False, mask: str = MASKS[0],
+                schedule: Optional[ScheduleOverrides] = None) -> io.NodeOutput:
         # a schedule given here says "this is a T-LoRA": layouts plain LoRAs share are accepted then
         tfile = read_tlora(lora_path(lora_name), assume_tlora=schedule is not None)
         effective = tfile.schedule
         if schedule is not None:
             effective = schedule.resolve(effective, lora_name)
+        if mask == "all ranks":
+            effective = effective.with_overrides("T-LoRA Loader mask: all ranks", min_rank=effective.max_rank)
         # raises, naming the file, when it does not fit this model whole; LyCORIS base terms are cached on
         # disk in <ComfyUI user dir>/tlora_cache ($COMFYUI_TLORA_CACHE overrides it)
         bound = binding.bind_tlora(model, tfile, cache_dir=None, progress=True, allow_partial=allow_partial)

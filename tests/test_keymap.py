@@ -346,3 +346,22 @@ def test_inference_mode_weights_bind_and_a_changed_weight_is_rehashed(mods, tmp_
     _, b2 = bind(mods, m, lf.path, tmp_path)
     lam1, lam2 = b.base_terms[name].lam.reshape(-1).double(), b2.base_terms[name].lam.reshape(-1).double()
     assert torch.allclose(lam2, 2 * lam1, rtol=1e-5)
+
+
+def test_a_file_for_a_family_comfyui_does_not_run_says_so(mods, tiny_sdxl, tmp_path):
+    """SimpleTuner's checkpoints name the family they were trained for (modelspec.architecture):
+    a Sana T-LoRA (ComfyUI runs no Sana model) is refused saying so, not only "nothing matches"."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from devkit.tiny_models import tiny_flux
+
+    lf = tf.write_lycoris(tiny_flux(seed=0), tmp_path / "src.safetensors", rank=4, only=["transformer_blocks.0.attn.to_q"])
+    with safe_open(str(lf.path), "pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    for arch, want in (("sana-1600m/lora", "Sana, a model ComfyUI does not run"), ("flux-dev/lora", "trained for Flux.1")):
+        path = tmp_path / f"{arch.split('-')[0]}.safetensors"
+        save_file(tensors, str(path), dict(meta, **{"modelspec.architecture": arch}))
+        with pytest.raises(mods["formats"].TLoRAFormatError, match="nothing matches") as e:
+            bind(mods, tiny_sdxl, path, tmp_path)
+        assert want in str(e.value)

@@ -38,9 +38,10 @@ def test_loader_contract(object_info):
     node = object_info["TLoraLoader"]
     assert node["display_name"] == "T-LoRA Loader"
     assert node["input_order"] == {"required": ["model", "lora_name", "strength_model"],
-                                   "optional": ["apply", "allow_partial", "schedule"]}
+                                   "optional": ["apply", "allow_partial", "mask", "schedule"]}
     req, opt = node["input"]["required"], node["input"]["optional"]
     assert opt["allow_partial"][0] == "BOOLEAN" and opt["allow_partial"][1]["default"] is False
+    assert opt["mask"][0] == "COMBO" and opt["mask"][1]["options"] == ["timestep mask", "all ranks"]
     assert opt["apply"][0] == "COMBO" and opt["apply"][1]["options"] == ["per layer", "merge"]
     assert opt["apply"][1]["default"] == "per layer"
     assert req["model"][0] == "MODEL"

@@ -23,6 +23,40 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 
+# SimpleTuner's model families (its checkpoints' metadata ``modelspec.architecture`` is
+# "<family>-<flavour>/lora") as users know them; the ones ComfyUI runs no model of
+SIMPLETUNER_FAMILIES = {
+    "sd1x": "Stable Diffusion 1.x", "sdxl": "SDXL", "kolors": "Kolors", "sd3": "SD3", "flux2": "Flux.2",
+    "flux": "Flux.1", "chroma": "Chroma", "qwen_image": "Qwen-Image", "hidream": "HiDream", "auraflow": "AuraFlow",
+    "pixart_sigma": "PixArt Sigma", "pixart": "PixArt", "sanavideo": "Sana Video", "sana": "Sana",
+    "z_image": "Z-Image", "lumina2": "Lumina 2", "longcat_image": "LongCat-Image", "kandinsky5": "Kandinsky 5",
+    "stable_cascade": "Stable Cascade", "wan": "Wan", "ltxvideo2": "LTX-2", "ltxvideo": "LTX-Video",
+    "hunyuanvideo": "HunyuanVideo", "cosmos2image": "Cosmos-Predict2", "cosmos": "Cosmos",
+}
+NOT_IN_COMFYUI = ("kolors", "sana", "sanavideo")
+
+
+def trained_for(metadata: dict) -> Optional[tuple[str, str]]:
+    """(SimpleTuner family, its name) a file says it was trained for, or None."""
+    arch = str(metadata.get("modelspec.architecture", "")).lower()
+    for key in sorted(SIMPLETUNER_FAMILIES, key=len, reverse=True):
+        if arch.startswith(key + "-") or arch.startswith(key + "/") or arch == key:
+            return key, SIMPLETUNER_FAMILIES[key]
+    return None
+
+
+def trained_for_note(metadata: dict) -> str:
+    """A sentence for the loader's errors: what the file says it was trained for, and whether
+    ComfyUI runs such a model at all ('' when the file does not say)."""
+    found = trained_for(metadata)
+    if found is None:
+        return ""
+    key, name = found
+    if key in NOT_IN_COMFYUI:
+        return f" The file says it was trained for {name}, a model ComfyUI does not run: it cannot be applied."
+    return f" The file says it was trained for {name}: load it on a {name} model."
+
+
 @dataclass(frozen=True)
 class Family:
     name: str  # as the loader's info shows it

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 
-from . import flux_trainer, kohya, lycoris, official
+from . import anima, fizgig, flux_trainer, kohya, lycoris, official, takenoko
 from .errors import LORA_LOADER_HINT, TLoRAFormatError
 from .loading import check_finite, load_state_dict
 from .lycoris import SvdBaseTerms, write_self_contained
@@ -22,8 +22,10 @@ from .tlora_file import TLoRAFile
 __all__ = ["read_tlora", "detect_format", "TLoRAFile", "TLoRAFormatError", "SvdBaseTerms", "load_state_dict",
            "write_self_contained", "READERS"]
 
-# the first reader whose detect() accepts a file reads it: more specific layouts come first
-READERS = {"lycoris": lycoris, "official": official, "kohya": kohya, "flux_trainer": flux_trainer}
+# the first reader whose detect() accepts a file reads it: the trainers that mark their files (by
+# metadata or a prefix of their own) come first, then the layouts
+READERS = {"takenoko": takenoko, "anima": anima, "fizgig": fizgig, "lycoris": lycoris, "official": official,
+           "kohya": kohya, "flux_trainer": flux_trainer}
 
 
 def detect_format(tensors: dict, metadata: dict) -> str | None:

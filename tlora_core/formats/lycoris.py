@@ -96,7 +96,7 @@ def _config_settings(cfg: dict) -> dict:
         "max_rank": first_number(cfg, "linear_dim", kind=int),
         "min_rank": first_number(cfg, "tlora_min_rank", kind=int),
         "alpha": first_number(cfg, "tlora_alpha"),
-        "max_timestep": first_number(cfg, "tlora_max_timestep", "max_timestep", kind=int),
+        "max_timestep": first_number(cfg, "tlora_max_timestep", "max_timestep"),
     }
 
 
@@ -184,7 +184,7 @@ def read(path: str, tensors: dict, metadata: dict, assume_tlora: bool = False) -
                      "its first ranks (as lycoris does)")
     fmt = NAME + (" with stored base terms" if embedded == len(modules) else "")
     return finish(path, fmt, modules, found, notes, lookup, metadata, "LyCORIS convention (integer timestep)",
-                  mode=TIMESTEP, truncate_timestep=True)
+                  unsupported=skipped_conv, mode=TIMESTEP, truncate_timestep=True)
 
 
 def write_self_contained(src_path: str, dst_path: str, base_terms: dict, base_info: str = "",

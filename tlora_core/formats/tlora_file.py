@@ -25,24 +25,27 @@ class TLoRAFile:
     # file module name -> names to look up in the model's key map, best first
     lookup: dict = field(default_factory=dict)
     metadata: dict = field(default_factory=dict)
+    # diffusion-model modules of the file the pack cannot apply (convolutions): loading without
+    # them is a partial load, which the loader refuses unless asked for one
+    unsupported: list = field(default_factory=list)
 
 
 def finish(path: str, fmt: str, modules: dict, found: list, notes: list, lookup: dict, metadata: dict,
-           convention: str, **fixed) -> TLoRAFile:
+           convention: str, unsupported: tuple = (), **fixed) -> TLoRAFile:
     """The end of every read: R from the tensors, the schedule from the settings ``found`` (see
     ``settings.finish_schedule``), then the trainer's own convention (``fixed`` values, attributed
     to ``convention``)."""
     rank = max(m.rank for m in modules.values())
     schedule = finish_schedule(rank, found, notes).with_overrides(convention, **fixed)
-    return TLoRAFile(path, fmt, rank, modules, schedule, notes, lookup, dict(metadata))
+    return TLoRAFile(path, fmt, rank, modules, schedule, notes, lookup, dict(metadata), list(unsupported))
 
 
 def note_skipped(notes: list, text_encoder: list, conv: list) -> None:
     """The notes for modules a reader leaves out: text-encoder ones (the schedule acts on the
-    diffusion model) and convolutions (applied to linear layers only, never half-right)."""
+    diffusion model) and convolutions (the pack applies T-LoRA to linear layers only)."""
     if text_encoder:
         notes.append(f"{len(text_encoder)} text-encoder module(s) skipped (the T-LoRA schedule acts on the "
                      f"diffusion model): {sample_names(text_encoder)}")
     if conv:
-        notes.append(f"{len(conv)} convolution module(s) skipped (T-LoRA is applied to linear layers only): "
+        notes.append(f"{len(conv)} convolution module(s) not applied (T-LoRA is applied to linear layers only): "
                      f"{sample_names(conv)}")
