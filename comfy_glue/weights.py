@@ -37,9 +37,9 @@ def quantized_kind(weight) -> Optional[str]:
     except ImportError:  # ComfyUI before quantized tensors
         QuantizedTensor = ()
     if QuantizedTensor and isinstance(weight, QuantizedTensor):
-        layout = getattr(weight, "_layout_type", None) or getattr(weight, "layout_type", None)
-        if not isinstance(layout, str):
-            layout = type(layout).__name__ if layout is not None else type(weight).__name__
+        # comfy-kitchen's tensors (ComfyUI >= 0.28) name their layout _layout_cls, ComfyUI's own _layout_type
+        layout = next((v for v in (getattr(weight, a, None) for a in ("_layout_cls", "_layout_type", "layout_type"))
+                       if isinstance(v, str)), type(weight).__name__)
         return f"quantized ({layout})"
     if hasattr(weight, "tensor_type") and hasattr(weight, "tensor_shape"):  # ComfyUI-GGUF
         return f"GGUF ({weight.tensor_type})"

@@ -365,3 +365,19 @@ def test_a_file_for_a_family_comfyui_does_not_run_says_so(mods, tiny_sdxl, tmp_p
         with pytest.raises(mods["formats"].TLoRAFormatError, match="nothing matches") as e:
             bind(mods, tiny_sdxl, path, tmp_path)
         assert want in str(e.value)
+
+
+def test_quantized_tensor_base_weight_is_dequantized_and_named(mods, tiny_flux, tmp_path):
+    """ComfyUI's quantized weights (its own QuantizedTensor before 0.28, comfy-kitchen's after):
+    the SVD reads the dequantized values, and the note names the layout on every host."""
+    quant_ops = pytest.importorskip("comfy.quant_ops")
+    lf = tf.write_lycoris(tiny_flux, tmp_path / "qt.safetensors", rank=4, only=["transformer_blocks.0.attn.to_out.0"])
+    layer = tiny_flux.model.diffusion_model.double_blocks[0].img_attn.proj
+    qt = quant_ops.QuantizedTensor.from_float(layer.weight.detach().float(), "TensorCoreFP8Layout")
+    layer.weight = torch.nn.Parameter(qt, requires_grad=False)
+    f, b = bind(mods, tiny_flux, lf.path, tmp_path)
+    assert b.quantized == ["quantized (TensorCoreFP8Layout)"]
+    assert any("quantized (TensorCoreFP8Layout)" in n and "dequantized" in n for n in b.notes)
+    terms = b.base_terms["lycoris_transformer_blocks_0_attn_to_out_0"]
+    u, s, vh = torch.linalg.svd(qt.dequantize().double(), full_matrices=False)
+    assert rel(prefix(terms.p, terms.lam, terms.q, 4), (u[:, :4] * s[:4]) @ vh[:4]) < 1e-6
