@@ -402,3 +402,404 @@ def write_kohya(model_patcher, path, rank: int = 4, alpha: float = 2.0, *, min_r
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(sd, str(path), metadata)
     return path
+
+
+# --- the T-LoRA trainers of 2026 -----------------------------------------------------------------
+# Each writer does what that trainer's own save code does (key names, what is saved, the dtype cast
+# of every tensor, metadata strings), read from its source: the Anima kohya fork
+# (orangemagic123/sd-scripts networks/lora_tlora_anima.py + convert_tlora_anima_to_comfy.py @cb1be1c),
+# takenoko (seruva19/takenoko src/networks/t_lora.py + lora_wan.py @72c42ad), Fizgig's Krea 2 trainer
+# (tachytelicdetonation/Fizgig src/fizgig/networks/lora.py + krea2/trainer.py @0cdfbed) and LyCORIS
+# PR #280's rank-2r export (orangemagic123/LyCORIS lycoris/modules/tlora.py @36b0db5). The model may
+# be a ComfyUI ModelPatcher or a bare diffusion-model module (format tests).
+ANIMA_TARGETS = ("Block", "PatchEmbed", "TimestepEmbedding", "FinalLayer")
+ANIMA_EXCLUDE = r".*(_modulation|_norm|_embedder|final_layer).*"  # appended by the fork's create_network
+ANIMA_TLORA_KEYS = ("ss_tlora_init", "ss_tlora_sig_type", "ss_tlora_min_rank", "ss_tlora_alpha_rank_scale",
+                    "ss_tlora_max_timestep")
+TAKENOKO_TARGETS = ("WanAttentionBlock",)
+FIZGIG_ADAPTER_WEIGHTS = ("T-LoRA raw weights: inference must apply the timestep rank mask; as a plain LoRA it "
+                          "runs at full rank")
+
+
+def _dit(model) -> torch.nn.Module:
+    return getattr(getattr(model, "model", None), "diffusion_model", model)
+
+
+def kohya_modules(root: torch.nn.Module, prefix: str, targets: Optional[Iterable[str]] = None,
+                  exclude: Optional[str] = None) -> dict:
+    """lora name -> Linear, as sd-scripts' ``create_modules`` (and the trainers built on it) finds and
+    names them: the Linears inside modules of the ``targets`` classes (every Linear of ``root`` when
+    None), ``f"{prefix}.{path}".replace(".", "_")``, minus paths ``exclude`` fully matches."""
+    import re
+
+    out = {}
+    for name, module in root.named_modules():
+        if targets is not None and type(module).__name__ not in targets:
+            continue
+        scope = root if targets is None else module
+        for child_name, child in scope.named_modules():
+            if type(child).__name__ != "Linear":
+                continue
+            path = (name + "." if name else "") + child_name
+            if exclude is not None and re.fullmatch(exclude, path):
+                continue
+            out[f"{prefix}.{path}".replace(".", "_")] = child
+        if targets is None:
+            break
+    return out
+
+
+def _sshs(sd: dict, metadata: dict) -> dict:
+    """sd-scripts' ``precalculate_safetensors_hashes`` (takenoko's and Fizgig's are the same): the
+    file's tensor bytes hashed with only its ``ss_*`` metadata."""
+    import hashlib
+
+    from safetensors.torch import save
+
+    b = save(sd, {k: v for k, v in metadata.items() if k.startswith("ss_")})
+    n = int.from_bytes(b[:8], "little")
+    return {"sshs_model_hash": hashlib.sha256(b[8 + n:]).hexdigest(),
+            "sshs_legacy_hash": hashlib.sha256(b[0x100000:0x110000]).hexdigest()[:8]}
+
+
+def _save_hashed(sd: dict, path: Path, metadata: dict) -> dict:
+    from safetensors.torch import save_file
+
+    metadata = dict(metadata)
+    metadata.update(_sshs(sd, metadata))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(path), metadata)
+    return metadata
+
+
+def _kaiming_down(r: int, i: int, gen) -> torch.Tensor:
+    """``kaiming_uniform_(a=sqrt(5))`` of a (r, in) weight: U(-1/sqrt(in), 1/sqrt(in))."""
+    return (torch.rand(r, i, generator=gen) * 2 - 1) / math.sqrt(i)
+
+
+def _trained_plain(down: torch.Tensor, o: int, gen) -> tuple:
+    """A trained (down, up) from kohya's init (kaiming down, zero up)."""
+    r, i = down.shape
+    return (down + 0.3 * torch.randn(r, i, generator=gen) / math.sqrt(i),
+            0.5 * torch.randn(o, r, generator=gen) / math.sqrt(r))
+
+
+def _trained_ortho(q0, p0, lam0, gen) -> tuple:
+    """Trained (q, p, lambda) from an orthogonal init: P and Q turn away from it, lambda grows (by a
+    term of its own too, so a "last" init's tiny singular values give a visible adapter)."""
+    r, i = q0.shape
+    ramp = torch.linspace(0, 1, r).reshape(1, r)
+    q = q0 + 0.2 * torch.randn(q0.shape, generator=gen) / math.sqrt(i)
+    p = p0 + 0.2 * torch.randn(p0.shape, generator=gen) / math.sqrt(r)
+    lam = lam0.reshape(1, r) * (1.2 + 0.8 * ramp) + 0.2 * (0.5 + torch.rand(1, r, generator=gen))
+    return q, p, lam
+
+
+def _anima_orthogonal_init(i: int, o: int, r: int, sig_type: str, gen) -> tuple:
+    """``OrthogonalTLoRAModule`` random init (since b706368): QR bases, lambda a linspace of the
+    singular values a Gaussian(0, 1/r) matrix would have."""
+    q = torch.linalg.qr(torch.randn(i, r, generator=gen))[0].T.contiguous()
+    p = torch.linalg.qr(torch.randn(o, r, generator=gen))[0].contiguous()
+    std = 1.0 / r
+    sv_max, sv_min = std * (math.sqrt(i) + math.sqrt(o)), std * abs(math.sqrt(i) - math.sqrt(o))
+    if sig_type == "principal":
+        lam = torch.linspace(sv_max, (sv_max + sv_min) / 2, r)
+    elif sig_type == "middle":
+        mid, spread = (sv_max + sv_min) / 2, (sv_max - sv_min) / 4
+        lam = torch.linspace(mid + spread, mid - spread, r)
+    else:
+        lam = torch.linspace((sv_max + sv_min) / 2, sv_min + 1e-6, r)
+    return q, p, lam.unsqueeze(0)
+
+
+def _anima_layer_init(weight: torch.Tensor, r: int, sig_type: str) -> tuple:
+    """``layer_orthogonal``: the layer's fp32 SVD, the window ``sig_type`` picks."""
+    with one_thread():
+        u, s, v = torch.linalg.svd(weight.detach().float(), full_matrices=False)
+    if sig_type == "principal":
+        return v[:r].clone(), u[:, :r].clone(), s[None, :r].clone()
+    if sig_type == "middle":
+        sv, su, ss = (math.ceil((n - r) / 2) for n in (v.shape[0], u.shape[1], s.shape[0]))
+        return v[sv:sv + r].clone(), u[:, su:su + r].clone(), s[None, ss:ss + r].clone()
+    return v[-r:].clone(), u[:, -r:].clone(), s[None, -r:].clone()
+
+
+def anima_comfy_name(key: str) -> str:
+    """The fork's ``rename_sd_scripts_key_to_comfy`` (the DiT rules; ``_comfy`` sibling keys)."""
+    is_dit = key.startswith("lora_unet_")
+    module, weight = "_".join(key.split("_")[2:]).split(".", 1)
+    if weight.startswith("lora_up"):
+        weight = weight.replace("lora_up", "lora_B")
+    elif weight.startswith("lora_down"):
+        weight = weight.replace("lora_down", "lora_A")
+    module = module.replace("_", ".")
+    for a, b in [("llm.adapter", "llm_adapter"), (".linear.", ".linear_"), ("t.embedding.norm", "t_embedding_norm"),
+                 ("t.embedder", "t_embedder"), ("x.embedder", "x_embedder"), ("extra.pos.embedder", "extra_pos_embedder"),
+                 ("rotary.emb", "rotary_emb"), ("in.proj", "in_proj"), ("cross.attn", "cross_attn"),
+                 ("self.attn", "self_attn"), ("q.proj", "q_proj"), ("q.norm", "q_norm"), ("k.proj", "k_proj"),
+                 ("k.norm", "k_norm"), ("v.proj", "v_proj"), ("v.norm", "v_norm"), ("o.proj", "o_proj"),
+                 ("output.proj", "output_proj"), ("out.proj", "out_proj"), ("final.layer", "final_layer"),
+                 ("adaln.modulation.cross_attn", "adaln_modulation_cross_attn"),
+                 ("adaln.modulation.self_attn", "adaln_modulation_self_attn"),
+                 ("adaln.modulation.mlp", "adaln_modulation_mlp"), ("layer.norm.cross_attn", "layer_norm_cross_attn"),
+                 ("layer.norm.self_attn", "layer_norm_self_attn"), ("layer.norm.mlp", "layer_norm_mlp"),
+                 ("norm.cross_attn", "norm_cross_attn"), ("norm.self_attn", "norm_self_attn"),
+                 ("norm.mlp", "norm_mlp"), ("adaln.modulation", "adaln_modulation"), ("layer.norm", "layer_norm")]:
+        module = module.replace(a, b)
+    prefix = "diffusion_model." if is_dit else "text_encoders.qwen3_06b.transformer.model."
+    return f"{prefix}{module}.{weight}"
+
+
+def _anima_comfy_sibling(sd: dict, dtype) -> dict:
+    """``convert_tlora_state_dict_to_comfy``: ortho modules as a rank-2r LoRA (fp32 alpha 2 alpha),
+    kaiming ones passed through cast to ``dtype``; ComfyUI key names."""
+    groups = {}
+    for k, v in sd.items():
+        name, suffix = k.split(".", 1)
+        groups.setdefault(name, {})[suffix] = v
+    out = {}
+    for name, t in groups.items():
+        if "q_layer.weight" in t:
+            q, p, lam = t["q_layer.weight"].float(), t["p_layer.weight"].float(), t["lambda_layer"].float()
+            bq, bp, blam = t["base_q.weight"].float(), t["base_p.weight"].float(), t["base_lambda_buf"].float()
+            dt = dtype if dtype is not None else t["q_layer.weight"].dtype
+            out[f"{name}.lora_down.weight"] = torch.cat([q, bq], 0).contiguous().to(dt)
+            out[f"{name}.lora_up.weight"] = torch.cat([p * lam, -(bp * blam)], 1).contiguous().to(dt)
+            alpha = float(t["alpha"].item()) if "alpha" in t else float(q.shape[0])
+            out[f"{name}.alpha"] = torch.tensor(2.0 * alpha, dtype=torch.float32)
+        else:
+            for suffix, v in t.items():
+                out[f"{name}.{suffix}"] = v.to(dtype) if dtype is not None and v.dtype.is_floating_point else v
+    return {anima_comfy_name(k): v for k, v in out.items()}
+
+
+def write_anima(model_patcher, path, init: str = "kaiming", rank: int = 8, alpha: float = 4.0, *, min_rank: int = 1,
+                alpha_rank_scale: float = 1.0, sig_type: str = "last", dtype=torch.bfloat16, comfy_sibling: bool = True,
+                max_timestep: float = 1.0, seed: int = 0) -> Path:
+    """A T-LoRA as the Anima kohya fork saves it (``TLoRANetwork.save_weights``): ``lora_unet_<path>``
+    of the Linears in the DiT's Block / PatchEmbed / TimestepEmbedding / FinalLayer modules minus its
+    exclude pattern (10 per block); ``init`` "kaiming": lora_down / lora_up / alpha, "orthogonal" (QR
+    base) or "layer_orthogonal" (the layer's SVD, ``sig_type``): q_layer / p_layer / lambda_layer with
+    the frozen base_q / base_p / base_lambda_buf; every tensor cast to ``dtype`` (bf16 alpha too),
+    sd-scripts' metadata with the ``ss_tlora_*`` keys; and, as the fork does on every save,
+    ``<name>_comfy.safetensors`` (``comfy_sibling``)."""
+    if init not in ("kaiming", "orthogonal", "layer_orthogonal"):
+        raise ValueError(f"tlora_init {init!r}")
+    path = Path(path)
+    gen = torch.Generator().manual_seed(seed)
+    sd = {}
+    with torch.no_grad():
+        for name, lin in sorted(kohya_modules(_dit(model_patcher), "lora_unet", ANIMA_TARGETS, ANIMA_EXCLUDE).items()):
+            o, i = lin.weight.shape
+            if init == "kaiming":
+                down, up = _trained_plain(_kaiming_down(rank, i, gen), o, gen)
+                sd.update({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up})
+            else:
+                q0, p0, lam0 = (_anima_layer_init(lin.weight, rank, sig_type) if init == "layer_orthogonal"
+                                else _anima_orthogonal_init(i, o, rank, sig_type, gen))
+                q, p, lam = _trained_ortho(q0, p0, lam0, gen)
+                sd.update({f"{name}.q_layer.weight": q, f"{name}.p_layer.weight": p, f"{name}.lambda_layer": lam,
+                           f"{name}.base_q.weight": q0, f"{name}.base_p.weight": p0, f"{name}.base_lambda_buf": lam0})
+            sd[f"{name}.alpha"] = torch.tensor(alpha)
+    if dtype is not None:
+        sd = {k: v.detach().clone().contiguous().to(dtype) for k, v in sd.items()}
+    net_args = {"tlora_min_rank": str(min_rank), "tlora_alpha_rank_scale": str(alpha_rank_scale), "tlora_init": init}
+    if init != "kaiming":
+        net_args["tlora_sig_type"] = sig_type
+    precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "float")
+    metadata = {  # train_network.py's metadata (a subset) + anima_train_network.update_metadata, all str()
+        "ss_session_id": "1234567890", "ss_training_started_at": "1775000000.0", "ss_output_name": path.stem,
+        "ss_learning_rate": "0.0001", "ss_unet_lr": "0.0001", "ss_text_encoder_lr": "None",
+        "ss_num_train_images": "20", "ss_num_epochs": "10", "ss_max_train_steps": "2000",
+        "ss_network_module": "networks.lora_tlora_anima", "ss_network_dim": str(rank), "ss_network_alpha": str(alpha),
+        "ss_network_dropout": "None", "ss_mixed_precision": "bf16", "ss_save_precision": precision,
+        "ss_base_model_version": "anima", "ss_network_args": json.dumps(net_args),
+        "ss_weighting_scheme": "none", "ss_timestep_sampling": "sigmoid", "ss_sigmoid_scale": "1.0",
+        "ss_discrete_flow_shift": "1.0", "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": "anima-preview/lora", "modelspec.title": path.stem,
+    }
+    metadata.update({"ss_tlora_min_rank": str(int(min_rank)), "ss_tlora_alpha_rank_scale": str(float(alpha_rank_scale)),
+                     "ss_tlora_max_timestep": str(float(max_timestep)), "ss_tlora_init": init,
+                     "ss_tlora_sig_type": sig_type})
+    metadata = _save_hashed(sd, path, metadata)
+    if comfy_sibling and path.suffix == ".safetensors":
+        comfy_metadata = {k: v for k, v in metadata.items() if k not in ANIMA_TLORA_KEYS}
+        _save_hashed(_anima_comfy_sibling(sd, dtype), anima_comfy_sibling_path(path), comfy_metadata)
+    return path
+
+
+def anima_comfy_sibling_path(path) -> Path:
+    path = Path(path)
+    return path.with_name(f"{path.stem}_comfy{path.suffix}")
+
+
+def _takenoko_ortho_init(lin: torch.nn.Linear, r: int, from_layer: bool, sig_type: str, gen):
+    """``_enable_orthogonal_parameterization`` for one module: (q, p, lambda), or None where its
+    ``copy_`` fails (random init of a non-square layer: the module stays a plain T-LoRA)."""
+    o, i = lin.weight.shape
+    q, p, lam = torch.empty(r, i), torch.empty(o, r), torch.empty(1, r)
+    with one_thread():
+        if from_layer:
+            u, s, vh = torch.linalg.svd(lin.weight.detach().float(), full_matrices=False)
+            if sig_type == "principal":
+                src = (vh[:r, :], u[:, :r], s[:r])
+            elif sig_type == "middle":
+                su, sv, ss = (max(0, (n - r) // 2) for n in (u.shape[1], vh.shape[0], s.shape[0]))
+                src = (vh[sv:sv + r, :], u[:, su:su + r], s[ss:ss + r])
+            else:
+                src = (vh[-r:, :], u[:, -r:], s[-r:])
+        else:
+            base_m = torch.normal(0.0, 1.0 / max(1, r), size=(i, o), generator=gen)
+            u, s, vh = torch.linalg.svd(base_m, full_matrices=False)
+            if sig_type == "principal":
+                src = (u[:r, :], vh[:, :r], s[:r])
+            elif sig_type == "middle":
+                su, sv, ss = (max(0, (n - r) // 2) for n in (u.shape[0], vh.shape[1], s.shape[0]))
+                src = (u[su:su + r, :], vh[:, sv:sv + r], s[ss:ss + r])
+            else:
+                src = (u[-r:, :], vh[:, -r:], s[-r:])
+    try:
+        q.copy_(src[0])
+        p.copy_(src[1])
+        lam.copy_(src[2].unsqueeze(0))
+    except RuntimeError:  # takenoko: `except Exception: continue`
+        return None
+    return q, p, lam
+
+
+def takenoko_config(rank: int, alpha: float, trainer_type: str, ortho_from_layer: bool, boundary, min_rank,
+                    tlora_alpha, sig_type: str = "last", target_model: str = "wan21") -> str:
+    """The training TOML takenoko embeds verbatim (``takenoko_config_content``)."""
+    args = [f"tlora_trainer_type={trainer_type}", f"tlora_min_rank={min_rank}", f"tlora_alpha={tlora_alpha}",
+            f"tlora_boundary_timestep={boundary}"]
+    if trainer_type == "ortho_lora":
+        args += [f"sig_type={sig_type}", f"ortho_from_layer={'true' if ortho_from_layer else 'false'}",
+                 "ortho_reg_lambda_p=1e-3", "ortho_reg_lambda_q=1e-3"]
+    lines = "\n".join(f'  "{a}",' for a in args)
+    return (f"# Takenoko configuration\n\n# \"wan21\" or \"wan22\"\ntarget_model = \"{target_model}\"\n\n"
+            "dit = \"models/wan2.1_t2v_1.3B_bf16.safetensors\"\nvae = \"models/wan_2.1_vae.safetensors\"\n"
+            "mixed_precision = \"bf16\"\ntimestep_sampling = \"shift\"\ndiscrete_flow_shift = 3.0\n\n"
+            "# T-LoRA (timestep-gated LoRA)\nnetwork_module = \"networks.t_lora\"\n"
+            f"network_dim = {rank}\nnetwork_alpha = {float(alpha)}\nnetwork_args = [\n{lines}\n]\n\n"
+            "learning_rate = 1e-4\nmax_train_steps = 2000\noutput_name = \"t_lora\"\n")
+
+
+def write_takenoko(model_patcher, path, trainer_type: str = "lora", ortho_from_layer: bool = False, boundary=875,
+                   min_rank: int = 1, tlora_alpha: float = 1.0, rank: int = 8, alpha: float = 4.0, *,
+                   dtype=torch.bfloat16, embed_config: bool = True, sig_type: str = "last", seed: int = 0) -> Path:
+    """A T-LoRA as takenoko saves one (``LoRANetwork.save_weights`` with ``save_dtype`` = the DiT's):
+    ``t_lora_unet_<path>`` of the Linears in each WanAttentionBlock; plain lora_down / lora_up / alpha,
+    or (``trainer_type`` "ortho_lora") q_layer / p_layer / lambda_layer + base_q / base_p / base_lambda
+    beside the unused (frozen kaiming / zero) lora_down / lora_up: with the random init
+    (``ortho_from_layer`` False) the non-square ffn layers fail its ``copy_`` and stay plain, so the
+    file mixes both; every tensor cast to ``dtype``. Metadata: takenoko_* keys and, with
+    ``embed_config``, the training TOML with its ``network_args`` in ``takenoko_config_content``."""
+    path = Path(path)
+    gen = torch.Generator().manual_seed(seed)
+    sd = {}
+    with torch.no_grad():
+        for name, lin in sorted(kohya_modules(_dit(model_patcher), "t_lora_unet", TAKENOKO_TARGETS).items()):
+            o, i = lin.weight.shape
+            down = _kaiming_down(rank, i, gen)
+            ortho = (_takenoko_ortho_init(lin, rank, ortho_from_layer, sig_type, gen) if trainer_type == "ortho_lora"
+                     else None)
+            if ortho is None:
+                down, up = _trained_plain(down, o, gen)
+            else:
+                q0, p0, lam0 = ortho
+                q, p, lam = _trained_ortho(q0, p0, lam0, gen)
+                up = torch.zeros(o, rank)  # frozen, never used in the forward
+                sd.update({f"{name}.q_layer.weight": q, f"{name}.p_layer.weight": p, f"{name}.lambda_layer": lam,
+                           f"{name}.base_q.weight": q0.clone(), f"{name}.base_p.weight": p0.clone(),
+                           f"{name}.base_lambda": lam0.clone()})
+            sd.update({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up,
+                       f"{name}.alpha": torch.tensor(alpha)})
+    if dtype is not None:
+        sd = {k: v.detach().clone().contiguous().to(dtype) for k, v in sd.items()}
+    metadata = {  # TrainerConfig.create_training_metadata (a subset), all str()
+        "takenoko_session_id": "1234567890", "takenoko_training_started_at": "1775000000.0",
+        "takenoko_output_name": path.stem, "takenoko_learning_rate": "0.0001", "takenoko_num_epochs": "10",
+        "takenoko_max_train_steps": "2000", "takenoko_base_model_version": "wan21",
+        "takenoko_network_module": "networks.t_lora", "takenoko_network_dim": str(rank),
+        "takenoko_network_alpha": str(float(alpha)), "takenoko_network_dropout": "None",
+        "takenoko_mixed_precision": "bf16", "takenoko_seed": "42", "takenoko_training_comment": "None",
+        "takenoko_optimizer": "torch.optim.adamw.AdamW", "takenoko_max_grad_norm": "1.0",
+        "takenoko_dit_name": "wan2.1_t2v_1.3B_bf16.safetensors", "takenoko_vae_name": "wan_2.1_vae.safetensors",
+        "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": "wan2.1/lora",
+        "modelspec.implementation": "https://github.com/Wan-Video/Wan2.1", "modelspec.title": path.stem,
+    }
+    if embed_config:
+        metadata["takenoko_config_content"] = takenoko_config(rank, alpha, trainer_type, ortho_from_layer, boundary,
+                                                              min_rank, tlora_alpha, sig_type)
+        metadata["takenoko_config_file"] = "t_lora.toml"
+    _save_hashed(sd, path, metadata)
+    return path
+
+
+def write_fizgig(model_patcher, path, min_rank: int = 1, rank: int = 8, alpha: float = 8.0, *,
+                 dtype=torch.bfloat16, raw: bool = False, seed: int = 0) -> Path:
+    """A T-LoRA as Fizgig's Krea 2 trainer saves one (``_save_lora`` -> ``_save_exportable``, kind
+    "tlora"): ``lora_unet_<path>`` lora_down / lora_up / alpha of every Linear of the DiT ("all-Linear"),
+    the raw state dict cast to ``dtype``, ss_adapter "tlora", ss_architecture "krea2",
+    ss_tlora_min_rank (as requested), ss_tlora_max_timestep "1000", ss_adapter_weights."""
+    path = Path(path)
+    gen = torch.Generator().manual_seed(seed)
+    sd = {}
+    with torch.no_grad():
+        for name, lin in sorted(kohya_modules(_dit(model_patcher), "lora_unet").items()):
+            o, i = lin.weight.shape
+            down, up = _trained_plain(_kaiming_down(rank, i, gen), o, gen)
+            sd.update({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up,
+                       f"{name}.alpha": torch.tensor(float(alpha))})
+    metadata = {"ss_network_module": "fizgig.krea2 (tlora, all-Linear)", "ss_adapter": "tlora",
+                "ss_network_dim": str(rank), "ss_architecture": "krea2", "ss_network_alpha": str(alpha),
+                "ss_tlora_min_rank": str(min_rank), "ss_tlora_max_timestep": "1000",
+                "ss_adapter_weights": "raw (resume state)" if raw else FIZGIG_ADAPTER_WEIGHTS}
+    if dtype is not None:
+        sd = {k: v.contiguous().to(dtype) for k, v in sd.items()}
+    _save_hashed(sd, path, metadata)
+    return path
+
+
+def write_lycoris_rank2r_export(model_patcher, path, rank: int = 4, alpha: float = 2.0, *,
+                                metadata: Optional[str] = "sd-scripts", modules: Optional[Iterable[str]] = None,
+                                prefix: str = "lora_unet", min_rank: int = 1, tlora_alpha: float = 1.0,
+                                dtype=torch.float32, seed: int = 0) -> Path:
+    """A LyCORIS T-LoRA saved by PR #280's ``custom_state_dict`` (or its ``tools/convert_tlora.py``):
+    plain ``<prefix>_<path>`` lora_up = [P diag(lambda), -P0 diag(lambda0)], lora_down = [Q; Q0], alpha
+    = 2 alpha, the base the layer's principal SVD (LyCORIS' data init). ``metadata``: "sd-scripts"
+    (ss_network_module lycoris.kohya + ss_network_args with "algo": "tlora"), "simpletuner"
+    (``lycoris_config``), or None (``tools/convert_tlora.py``: no metadata, alpha kept in fp32)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    gen = torch.Generator().manual_seed(seed)
+    dm = _dit(model_patcher)
+    dm_sd = dm.state_dict()
+    sd = {}
+    default = sorted(k[: -len(".weight")] for k, v in dm_sd.items()
+                     if k.endswith(".weight") and v.ndim == 2 and any(c in k for c in ("attn", "mlp", "ffn", "proj")))
+    for m in modules if modules is not None else default:
+        w = dm_sd[m + ".weight"]
+        q0, p0, lam0 = _anima_layer_init(w, rank, "principal")
+        q, p, lam = _trained_ortho(q0, p0, lam0, gen)
+        name = f"{prefix}_{m.replace('.', '_')}"
+        sd[name + ".lora_up.weight"] = torch.cat([p * lam, -(p0 * lam0)], 1).contiguous()
+        sd[name + ".lora_down.weight"] = torch.cat([q, q0], 0).contiguous()
+        sd[name + ".alpha"] = torch.tensor(float(alpha)) * 2
+    # save_weights casts every tensor; convert_tlora.py (no metadata) keeps alpha in fp32
+    sd = {k: v.to(torch.float32 if metadata is None and k.endswith(".alpha") else dtype) for k, v in sd.items()}
+    cfg = {"algo": "tlora", "linear_dim": rank, "linear_alpha": alpha, "tlora_min_rank": min_rank,
+           "tlora_alpha": tlora_alpha}
+    meta = None
+    if metadata == "sd-scripts":
+        meta = {"ss_network_module": "lycoris.kohya", "ss_network_dim": str(rank), "ss_network_alpha": str(alpha),
+                "ss_network_args": json.dumps({k: str(v) for k, v in cfg.items()
+                                               if k not in ("linear_dim", "linear_alpha")})}
+    elif metadata == "simpletuner":
+        meta = {"lycoris_config": json.dumps(cfg)}
+    elif metadata is not None:
+        raise ValueError(f"metadata {metadata!r}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(path), meta)
+    return path

@@ -387,3 +387,234 @@ def test_unrelated_sidecar_is_not_taken_for_settings(tiny_flux, tmp_path):
     f = formats.read_tlora(p)
     assert f.schedule.sources.get("min_rank", "default") == "default"
     assert any("no training settings found" in n for n in f.notes)
+
+
+# --- the trainers of 2026: Anima kohya fork, takenoko, Fizgig; LyCORIS' rank-2r export ------------
+# Files written as each trainer's save code writes them (devkit.tlora_files) on small stand-ins with
+# the module classes and names of the host models the trainers walk (no ComfyUI needed).
+class _Mod(torch.nn.Module):
+    def __init__(self, **children):
+        super().__init__()
+        for n, c in children.items():
+            self.add_module(n, c)
+
+
+def _lin(i, o):
+    return torch.nn.Linear(i, o, bias=False)
+
+
+class Block(torch.nn.Module):
+    """Cosmos-Predict2 / Anima ``Block`` (the names of ComfyUI's MiniTrainDIT)."""
+
+    def __init__(self, d=32, ctx=16):
+        super().__init__()
+        attn = lambda kv: _Mod(q_proj=_lin(d, d), k_proj=_lin(kv, d), v_proj=_lin(kv, d), output_proj=_lin(d, d))
+        self.self_attn, self.cross_attn = attn(d), attn(ctx)
+        self.mlp = _Mod(layer1=_lin(d, 4 * d), layer2=_lin(4 * d, d))
+        for n in ("adaln_modulation_self_attn", "adaln_modulation_cross_attn", "adaln_modulation_mlp"):
+            self.add_module(n, torch.nn.Sequential(torch.nn.SiLU(), _lin(d, 8), _lin(8, 3 * d)))
+
+
+class PatchEmbed(_Mod):
+    pass
+
+
+class TimestepEmbedding(_Mod):
+    pass
+
+
+class FinalLayer(_Mod):
+    pass
+
+
+class WanAttentionBlock(torch.nn.Module):
+    def __init__(self, d=32, ffn=64):
+        super().__init__()
+        attn = lambda: _Mod(q=_lin(d, d), k=_lin(d, d), v=_lin(d, d), o=_lin(d, d))
+        self.self_attn, self.cross_attn = attn(), attn()
+        self.ffn = torch.nn.Sequential(_lin(d, ffn), torch.nn.GELU(), _lin(ffn, d))
+
+
+def _anima_dit(d=32):
+    torch.manual_seed(0)
+    return _Mod(x_embedder=PatchEmbed(proj=torch.nn.Sequential(torch.nn.Identity(), _lin(64, d))),
+                t_embedder=torch.nn.Sequential(torch.nn.Identity(), TimestepEmbedding(linear_1=_lin(d, d), linear_2=_lin(d, d))),
+                blocks=torch.nn.ModuleList([Block(d), Block(d)]),
+                final_layer=FinalLayer(linear=_lin(d, 64), adaln_modulation=torch.nn.Sequential(torch.nn.SiLU(), _lin(d, 2 * d))))
+
+
+def _wan_dit(d=32):
+    torch.manual_seed(0)
+    return _Mod(text_embedding=torch.nn.Sequential(_lin(16, d), torch.nn.GELU(), _lin(d, d)),
+                blocks=torch.nn.ModuleList([WanAttentionBlock(d), WanAttentionBlock(d)]), head=_Mod(head=_lin(d, 64)))
+
+
+def _meta(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return f.metadata()
+
+
+def _groups(path):
+    out = {}
+    for k, v in raw(path).items():
+        name, _, suffix = k.partition(".")
+        out.setdefault(name, {})[suffix] = v
+    return out
+
+
+def _check_deltas(f, groups, prefix_len=0):
+    """The reader's adapters against the trainer's forward from the raw tensors, at every rank."""
+    for name, t in groups.items():
+        ad = f.modules[name]
+        alpha = float(t["alpha"])
+        for k in range(1, ad.rank + 1):
+            if "q_layer.weight" in t:
+                base_lam = t.get("base_lambda_buf", t.get("base_lambda"))
+                ref = mask_delta_ortho(t["p_layer.weight"], t["lambda_layer"], t["q_layer.weight"], t["base_p.weight"],
+                                       base_lam, t["base_q.weight"], k, alpha / ad.rank)
+            else:
+                ref = mask_delta_plain(t["lora_up.weight"], t["lora_down.weight"], k, alpha / ad.rank)
+            assert close(ad.delta_weight(k), ref), (name, k)
+
+
+ANIMA_MODULES = {f"lora_unet_blocks_{b}_{m}" for b in range(2) for m in
+                 ["self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj", "self_attn_output_proj", "cross_attn_q_proj",
+                  "cross_attn_k_proj", "cross_attn_v_proj", "cross_attn_output_proj", "mlp_layer1", "mlp_layer2"]}
+
+
+@pytest.mark.parametrize("init", ["kaiming", "orthogonal", "layer_orthogonal"])
+def test_anima_fork_file(tmp_path, init):
+    p = tf.write_anima(_anima_dit(), tmp_path / "anima.safetensors", init=init, rank=4, alpha=2.0, min_rank=1,
+                       alpha_rank_scale=2.0, sig_type="last")
+    groups = _groups(p)
+    assert set(groups) == ANIMA_MODULES  # 10 per block; modulation, embedders, final layer excluded
+    suffixes = ({"lora_down.weight", "lora_up.weight", "alpha"} if init == "kaiming" else
+                {"q_layer.weight", "p_layer.weight", "lambda_layer", "base_q.weight", "base_p.weight", "base_lambda_buf",
+                 "alpha"})
+    assert all(set(t) == suffixes for t in groups.values())
+    assert {v.dtype for t in groups.values() for v in t.values()} == {torch.bfloat16}  # alpha and lambdas too
+    meta = _meta(p)
+    assert {k: meta[k] for k in meta if k.startswith("ss_tlora_")} == {
+        "ss_tlora_min_rank": "1", "ss_tlora_alpha_rank_scale": "2.0", "ss_tlora_max_timestep": "1.0",
+        "ss_tlora_init": init, "ss_tlora_sig_type": "last"}
+    f = formats.read_tlora(p)
+    s = f.schedule
+    assert type(s.max_timestep) is float and s.max_timestep == 1.0  # "1.0": the DiT's t = sigma in [0, 1]
+    assert (s.max_rank, s.min_rank, s.alpha, s.truncate_timestep, s.mode) == (4, 1, 2.0, False, "timestep")
+    assert s.sources["max_timestep"] == "file metadata ss_tlora_*"
+    assert f.format.startswith("Anima T-LoRA (kohya fork") and f.format.endswith(f"({init})")
+    assert any("'all ranks'" in n for n in f.notes)
+    _check_deltas(f, groups)
+    if init == "layer_orthogonal":  # the stored base is the layer's SVD ("last" window), used as stored
+        w = _anima_dit().blocks[0].mlp.layer1.weight.detach()
+        u, sv, vh = torch.linalg.svd(w, full_matrices=False)
+        t = groups["lora_unet_blocks_0_mlp_layer1"]
+        assert close(t["base_lambda_buf"].reshape(-1), sv[-4:], 1e-2)
+
+
+def test_anima_fork_max_timestep_is_a_float(tmp_path):
+    p = tf.write_anima(_anima_dit(), tmp_path / "a.safetensors", rank=4, max_timestep=0.5, comfy_sibling=False)
+    assert _meta(p)["ss_tlora_max_timestep"] == "0.5"
+    assert formats.read_tlora(p).schedule.max_timestep == 0.5
+
+
+@pytest.mark.parametrize("init", ["kaiming", "orthogonal"])
+def test_anima_comfy_sibling(tmp_path, init):
+    p = tf.write_anima(_anima_dit(), tmp_path / "anima.safetensors", init=init, rank=4, alpha=2.0)
+    sib = tf.anima_comfy_sibling_path(p)
+    assert sib.name == "anima_comfy.safetensors"
+    sd, meta = raw(sib), _meta(sib)
+    assert not any(k.startswith("ss_tlora_") for k in meta)
+    assert meta["ss_network_module"] == "networks.lora_tlora_anima" and "tlora_init" in meta["ss_network_args"]
+    key = "diffusion_model.blocks.0.self_attn.q_proj"
+    assert {k for k in sd if k.startswith(key + ".")} == {key + ".lora_A.weight", key + ".lora_B.weight", key + ".alpha"}
+    rank = 8 if init == "orthogonal" else 4
+    assert sd[key + ".lora_A.weight"].shape[0] == rank
+    assert sd[key + ".alpha"].dtype == (torch.float32 if init == "orthogonal" else torch.bfloat16)
+    full = formats.read_tlora(p).modules["lora_unet_blocks_0_self_attn_q_proj"].delta_weight()
+    plain = float(sd[key + ".alpha"]) / rank * sd[key + ".lora_B.weight"].double() @ sd[key + ".lora_A.weight"].double()
+    assert close(plain, full, 2e-2)  # the full-rank delta (bf16 products)
+    with pytest.raises(TLoRAFormatError, match=r"_comfy export.*LoraLoader"):
+        formats.read_tlora(sib)
+
+
+@pytest.mark.parametrize("case", ["lora", "ortho_lora", "ortho_from_layer"])
+def test_takenoko_file(tmp_path, case):
+    kw = dict(trainer_type="ortho_lora" if case != "lora" else "lora", ortho_from_layer=case == "ortho_from_layer")
+    p = tf.write_takenoko(_wan_dit(), tmp_path / "t.safetensors", rank=4, alpha=2.0, min_rank=2, tlora_alpha=1.5,
+                          boundary=800, **kw)
+    groups = _groups(p)
+    assert all(n.startswith("t_lora_unet_blocks_") for n in groups) and len(groups) == 20
+    assert {v.dtype for t in groups.values() for v in t.values()} == {torch.bfloat16}
+    ortho = {n for n, t in groups.items() if "q_layer.weight" in t}
+    if case == "lora":
+        assert not ortho
+    elif case == "ortho_lora":  # random init: the non-square ffn layers fail its copy_ and stay plain
+        assert {n for n in groups if n not in ortho} == {f"t_lora_unet_blocks_{b}_ffn_{i}" for b in (0, 1) for i in (0, 2)}
+    else:
+        assert ortho == set(groups)
+    for n in ortho:  # the unused lora_down / lora_up are saved too, lora_up still zero
+        assert set(groups[n]) == {"lora_down.weight", "lora_up.weight", "alpha", "q_layer.weight", "p_layer.weight",
+                                  "lambda_layer", "base_q.weight", "base_p.weight", "base_lambda"}
+        assert not groups[n]["lora_up.weight"].any()
+    meta = _meta(p)
+    assert meta["takenoko_network_module"] == "networks.t_lora" and not any(k.startswith("ss_") for k in meta)
+    config = meta["takenoko_config_content"]
+    assert "network_args = [" in config and '"tlora_boundary_timestep=800",' in config
+    f = formats.read_tlora(p)
+    s = f.schedule
+    assert (s.max_rank, s.min_rank, s.alpha, s.boundary_timestep, s.max_timestep) == (4, 2, 1.5, 800, 1000)
+    assert (s.timestep_offset, s.truncate_timestep) == (1.0, False)
+    assert s.sources["boundary_timestep"] == "file metadata takenoko_config_content (network_args)"
+    assert f.lookup["t_lora_unet_blocks_0_self_attn_q"][0] == "lora_unet_blocks_0_self_attn_q"
+    _check_deltas(f, groups)
+
+
+def test_takenoko_file_without_config(tmp_path):
+    p = tf.write_takenoko(_wan_dit(), tmp_path / "t.safetensors", rank=4, min_rank=3, boundary=700, embed_config=False)
+    assert "takenoko_config_content" not in _meta(p)
+    f = formats.read_tlora(p)
+    assert (f.schedule.min_rank, f.schedule.alpha, f.schedule.boundary_timestep) == (1, 1.0, 875)
+    assert f.schedule.sources["min_rank"] == "takenoko defaults"
+    assert any("no takenoko config" in n for n in f.notes)
+
+
+@pytest.mark.parametrize("min_rank, expected", [(2, 2), (0, 1), (9, 4)])
+def test_fizgig_file(tmp_path, min_rank, expected):
+    dit = _Mod(first=_lin(16, 32), blocks=torch.nn.ModuleList([_Mod(attn=_Mod(wq=_lin(32, 32), wo=_lin(32, 32)))]),
+               txtfusion=_Mod(projector=_lin(3, 1)))
+    p = tf.write_fizgig(dit, tmp_path / "fz.safetensors", min_rank=min_rank, rank=4, alpha=4.0)
+    groups = _groups(p)
+    assert set(groups) == {"lora_unet_first", "lora_unet_blocks_0_attn_wq", "lora_unet_blocks_0_attn_wo",
+                           "lora_unet_txtfusion_projector"}  # every Linear ("all-Linear")
+    assert {v.dtype for t in groups.values() for v in t.values()} == {torch.bfloat16}
+    meta = _meta(p)
+    assert (meta["ss_adapter"], meta["ss_architecture"], meta["ss_tlora_max_timestep"]) == ("tlora", "krea2", "1000")
+    assert meta["ss_tlora_min_rank"] == str(min_rank) and "timestep rank mask" in meta["ss_adapter_weights"]
+    f = formats.read_tlora(p)
+    s = f.schedule
+    assert f.format == "Fizgig T-LoRA (krea2)"
+    # Fizgig's TLoRAModule clamps min_rank to [1, R]; its rule is linear on int(1000 t) out of 1000
+    assert (s.min_rank, s.alpha, s.max_timestep, s.truncate_timestep) == (expected, 1.0, 1000, True)
+    _check_deltas(f, groups)
+
+
+@pytest.mark.parametrize("metadata", ["sd-scripts", "simpletuner", None])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lycoris_rank2r_export_is_a_plain_lora(tmp_path, metadata, dtype):
+    dit = _wan_dit()
+    mods = ["blocks.0.self_attn.q", "blocks.0.ffn.0"]
+    prefix = "lycoris" if metadata == "simpletuner" else "lora_unet"
+    p = tf.write_lycoris_rank2r_export(dit, tmp_path / "x.safetensors", rank=4, alpha=2.0, metadata=metadata,
+                                       modules=mods, dtype=dtype, prefix=prefix)
+    sd = raw(p)
+    name = prefix + "_blocks_0_self_attn_q"
+    assert sd[name + ".lora_down.weight"].shape == (8, 32) and float(sd[name + ".alpha"]) == 4.0
+    down = sd[name + ".lora_down.weight"].double()[4:]  # Q_base: the layer's principal right singular vectors
+    vh = torch.linalg.svd(dit.blocks[0].self_attn.q.weight.detach().double(), full_matrices=False)[2][:4]
+    assert close(down.abs(), vh.abs(), 1e-2)
+    exported = r"(this is|this looks like) a T-LoRA exported as a plain LoRA.*rank-2r.*LoraLoader"
+    with pytest.raises(TLoRAFormatError, match=exported):
+        formats.read_tlora(p)

@@ -1,0 +1,316 @@
+"""The T-LoRA trainers of 2026, exact from their own sources: the Anima kohya fork (kaiming,
+orthogonal, layer_orthogonal), takenoko (lora, ortho_lora with its mixed file, ortho_from_layer) and
+Fizgig (Krea 2). Each file is written as that trainer's save code writes it (devkit.tlora_files, bf16
+tensors), loaded by the T-LoRA Loader node with no schedule input, on a tiny real ComfyUI model of
+the trainer's family (devkit.trainer_models), and its one-step CFG output at six noise levels must
+equal ComfyUI's own merge of the delta the trainer's forward defines at that step:
+
+- the rank rule as each trainer computes it, from the timestep it feeds its mask (written out
+  below from its source, not taken from the pack);
+- the module's delta from the raw file tensors (bf16, upcast), scale alpha / R, merged by ComfyUI
+  as a weight patch.
+
+Also: the loader's info names the trainer and the family, ``mask="all ranks"`` is the full-rank
+LoRA (the Anima fork's own ``_comfy`` export, loaded by ComfyUI), the ``_comfy`` sibling and
+LyCORIS' rank-2r exports are refused with a pointer to ComfyUI's LoraLoader, a takenoko file
+without its embedded config falls back to takenoko's defaults with a note.
+
+Krea 2 (Fizgig) exists in ComfyUI 0.28 and later only; its native names (``blocks.N.attn.wq``) are
+no layer of Flux, so on older hosts only the format tests (tests/test_formats.py) run for Fizgig.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))  # importlib import mode: make the support module importable
+import patcher_support as S  # noqa: E402
+from devkit import tlora_files as tf  # noqa: E402
+from devkit import trainer_models as TM  # noqa: E402
+from devkit.host import pack_module  # noqa: E402
+
+loader = pack_module("nodes.loader")
+TLoRAFormatError = pack_module("tlora_core.formats").TLoRAFormatError
+
+pytestmark = pytest.mark.usefixtures("single_threaded")
+
+STRENGTH = 0.9
+TOL = 1e-3
+ANIMA_SIGMAS = [0.99, 0.8, 0.6, 0.4, 0.2, 0.05]
+TAKENOKO_SIGMAS = [0.99, 0.95, 0.9, 0.88, 0.6, 0.2]  # four above takenoko's boundary 875/1000, two below
+FIZGIG_SIGMAS = [0.97, 0.8335, 0.62, 0.41, 0.2, 0.04]  # 0.8335: int(833.5) and 833.5 give different ranks
+
+
+# --- the trainers' rank rules, from their sources ---------------------------------------------------
+def anima_rank(t: float, R: int, r_min: int, a: float, T: float = 1.0) -> int:
+    """sd-scripts fork, networks/lora_tlora_anima.py ``TLoRANetwork._unet_forward_pre_hook``."""
+    r = int(((T - t) / T) ** a * (R - r_min)) + r_min
+    return max(r_min, min(r, R))
+
+
+def takenoko_rank(t: float, R: int, r_min: int, a: float, boundary: int, T: int = 1000) -> int:
+    """takenoko src/networks/t_lora.py ``update_rank_mask_from_timesteps``."""
+    if t > boundary:
+        frac = max(0.0, min(1.0, 1.0 - (t - boundary) / max(1, T - boundary))) ** a
+    else:
+        frac = 1.0
+    return int(max(0, min(R, math.floor(frac * (R - r_min) + r_min))))
+
+
+def fizgig_rank(t: float, R: int, r_min: int) -> int:
+    """Fizgig src/fizgig/networks/lora.py ``tlora_rank_mask`` (``TLoRAModule`` clamps min_rank to [1, R])."""
+    r_min = max(1, min(int(r_min), R))
+    ts = int(float(t) * 1000)
+    r = int(((1000 - ts) / 1000) * (R - r_min)) + r_min
+    return max(r_min, min(R, r))
+
+
+def f32(sigma: float) -> float:
+    """The sigma the model is evaluated at (ComfyUI's float32 sigmas)."""
+    return float(torch.tensor(sigma, dtype=torch.float32))
+
+
+def dit_timestep(model, sigma: float) -> float:
+    """What ComfyUI passes the DiT as its time (the Anima fork's and Fizgig's hooks read that)."""
+    ms = model.get_model_object("model_sampling")
+    t = float(ms.timestep(torch.tensor([f32(sigma)]))[0])
+    assert t == pytest.approx(f32(sigma), abs=1e-7), "Anima and Krea 2 are sampled with t = sigma"
+    return t
+
+
+# --- the deltas, from the raw file tensors --------------------------------------------------------
+def raw_modules(path) -> dict:
+    from safetensors.torch import load_file
+
+    out = {}
+    for key, v in load_file(str(path)).items():
+        name, _, suffix = key.partition(".")
+        out.setdefault(name, {})[suffix] = v
+    return out
+
+
+def weight_keys(model, prefix: str) -> dict:
+    """``<prefix><native path with _>`` -> ComfyUI weight key, from the model's own state dict."""
+    return {prefix + k[len("diffusion_model."):-len(".weight")].replace(".", "_"): k
+            for k, v in model.model.state_dict().items()
+            if k.startswith("diffusion_model.") and k.endswith(".weight") and v.ndim == 2}
+
+
+def module_delta(t: dict, r: int) -> torch.Tensor:
+    """The trainer's forward as a weight delta with the first r ranks on, scale alpha / R:
+    plain ``up diag(m) down``, orthogonal ``P diag(lambda m) Q - P0 diag(lambda0 m) Q0`` (a module with
+    q_layer is orthogonal, its lora_down / lora_up unused: takenoko saves them anyway)."""
+    d = {k: v.double() for k, v in t.items()}
+    if "q_layer.weight" in d:
+        q, p, lam = d["q_layer.weight"], d["p_layer.weight"], d["lambda_layer"].reshape(-1)
+        q0, p0 = d["base_q.weight"], d["base_p.weight"]
+        lam0 = d["base_lambda_buf" if "base_lambda_buf" in d else "base_lambda"].reshape(-1)
+        R = q.shape[0]
+        delta = (p[:, :r] * lam[:r]) @ q[:r] - (p0[:, :r] * lam0[:r]) @ q0[:r]
+    else:
+        down, up = d["lora_down.weight"], d["lora_up.weight"]
+        R = down.shape[0]
+        delta = up[:, :r] @ down[:r]
+    return float(d["alpha"]) / R * delta
+
+
+def file_deltas(model, path, prefix: str):
+    keys = weight_keys(model, prefix)
+    mods = raw_modules(path)
+    assert set(mods) <= set(keys), sorted(set(mods) - set(keys))[:3]
+    return lambda r: {keys[name]: module_delta(t, r) for name, t in mods.items()}
+
+
+def merged(model, deltas: dict):
+    """ComfyUI's own weight patching of ``diff`` patches (what its LoRA loader does after parsing)."""
+    m = model.clone()
+    patches = {k: ("diff", (d.float(),)) for k, d in deltas.items()}
+    assert len(m.add_patches(patches, STRENGTH)) == len(patches)
+    return m
+
+
+# --- models -----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def anima(comfy):
+    return dict(model=TM.tiny_anima(seed=2), cond=TM.anima_conditioning(), latent=torch.zeros(1, 16, 1, 8, 8),
+                family="Anima (Anima)" if TM.has_anima() else "Cosmos-Predict2 (CosmosT2IPredict2)")
+
+
+@pytest.fixture(scope="module")
+def wan(comfy):
+    return dict(model=TM.tiny_wan(seed=3), cond=TM.wan_conditioning(), latent=torch.zeros(1, 16, 3, 8, 8),
+                family="Wan 2.x (WAN21_T2V)")
+
+
+@pytest.fixture(scope="module")
+def krea2(comfy):
+    if not TM.has_krea2():
+        pytest.skip("this ComfyUI has no Krea 2 (0.28+); Fizgig's native Krea 2 names are no layer of Flux: "
+                    "only its format is tested here (test_formats)")
+    return dict(model=TM.tiny_krea2(seed=4), cond=TM.krea2_conditioning(), latent=torch.zeros(1, 16, 8, 8),
+                family="Krea 2 (Krea2)")
+
+
+def base_output(env, sigma):
+    """The model's own output at sigma (kept with the module's model)."""
+    cache = env.setdefault("base", {})
+    if sigma not in cache:
+        cache[sigma] = S.denoise_once(env["model"], sigma, *env["cond"], env["latent"])
+    return cache[sigma]
+
+
+def put(loras, path) -> str:
+    (loras / Path(path).name).write_bytes(Path(path).read_bytes())
+    return Path(path).name
+
+
+def check_exact(env, loras, path, prefix: str, rank_at, sigmas, fmt: str):
+    """The loader's output (no schedule input) against the trainer's delta at ``rank_at(sigma)``."""
+    m, (pos, neg), latent = env["model"], env["cond"], env["latent"]
+    name = put(loras, path)
+    out, info = loader.TLoraLoader.execute(m, name, STRENGTH).args
+    delta = file_deltas(m, path, prefix)
+    n_modules = len(raw_modules(path))
+    # the trainers' native names are ComfyUI's own: its generic key map knows every one as lora_unet_<path>
+    comfy_keys = S.model_keys(m)
+    assert all("lora_unet_" + n[len(prefix):] in comfy_keys for n in raw_modules(path))
+    lines = info.splitlines()
+    assert lines[1].startswith(f"format: {fmt}"), lines[1]
+    assert lines[2].startswith(f"model: {env['family']}; "), lines[2]
+    assert lines[3] == f"modules: {n_modules} matched, 0 not matched", lines[3]
+    R = max(module_delta_rank(t) for t in raw_modules(path).values())
+    ranks, refs, errors = [], [], []
+    for sigma in sigmas:
+        r = rank_at(sigma)
+        refs.append(S.denoise_once(merged(m, delta(r)), sigma, pos, neg, latent))
+        errors.append(S.rel_err(S.denoise_once(out, sigma, pos, neg, latent), refs[-1], base_output(env, sigma)))
+        ranks.append(r)
+    assert len(set(ranks)) >= 3 and min(ranks) < R, ranks
+    assert all(e < TOL for e in errors), (ranks, errors, info)
+    # the check can fail: at the lowest rank, the unmasked adapter is far from the trainer's output
+    i = ranks.index(min(ranks))
+    full = S.denoise_once(merged(m, delta(R)), sigmas[i], pos, neg, latent)
+    assert S.rel_err(full, refs[i], base_output(env, sigmas[i])) > 100 * TOL
+    assert S.hooks_left(m) == 0
+    return out, info, ranks
+
+
+def module_delta_rank(t: dict) -> int:
+    return (t["q_layer.weight"] if "q_layer.weight" in t else t["lora_down.weight"]).shape[0]
+
+
+# --- Anima kohya fork -------------------------------------------------------------------------------
+ANIMA_CASES = {
+    "kaiming": dict(rank=8, alpha=4.0, min_rank=1, alpha_rank_scale=1.0),
+    "orthogonal": dict(rank=8, alpha=8.0, min_rank=2, alpha_rank_scale=2.0),
+    "layer_orthogonal": dict(rank=8, alpha=4.0, min_rank=1, alpha_rank_scale=1.0, sig_type="last"),
+}
+
+
+@pytest.mark.parametrize("init", list(ANIMA_CASES))
+def test_anima_fork_is_exact(anima, loras, tmp_path, init):
+    cfg = ANIMA_CASES[init]
+    path = tf.write_anima(anima["model"], tmp_path / f"anima_{init}.safetensors", init=init, seed=5, **cfg)
+    m = anima["model"]
+
+    def rank_at(sigma):
+        return anima_rank(dit_timestep(m, sigma), cfg["rank"], cfg["min_rank"], cfg["alpha_rank_scale"], T=1.0)
+
+    layout = "plain" if init == "kaiming" else "orthogonal, stored base"
+    _, info, _ = check_exact(anima, loras, path, "lora_unet_", rank_at, ANIMA_SIGMAS,
+                             f"Anima T-LoRA (kohya fork, orangemagic123/sd-scripts) for Anima, {layout} ({init})")
+    assert "t = T * sigma (flow matching), T = 1" in info.splitlines()[2]
+    assert "  max_timestep = 1  (file metadata ss_tlora_*)" in info.splitlines()
+    assert "note: the fork's own inference runs every rank" in info
+
+
+def test_all_ranks_is_the_forks_own_full_rank_lora(anima, loras, tmp_path):
+    """mask="all ranks": every rank at every step, which is the fork's own ``_comfy`` export loaded
+    by ComfyUI (here in fp32, ``--save_precision float``: the export's bf16 products would round)."""
+    m, (pos, neg), latent = anima["model"], anima["cond"], anima["latent"]
+    path = tf.write_anima(m, tmp_path / "anima_all.safetensors", init="orthogonal", rank=8, alpha=8.0,
+                          min_rank=1, dtype=torch.float32, seed=6)
+    name = put(loras, path)
+    out, info = loader.TLoraLoader.execute(m, name, STRENGTH, mask="all ranks").args
+    from safetensors.torch import load_file
+
+    sibling = S.comfy_merge(m, load_file(str(tf.anima_comfy_sibling_path(path))), STRENGTH)  # ComfyUI's LoraLoader
+    full = merged(m, file_deltas(m, path, "lora_unet_")(8))
+    for sigma in (0.99, 0.5):
+        base = base_output(anima, sigma)
+        got = S.denoise_once(out, sigma, pos, neg, latent)
+        assert S.rel_err(got, S.denoise_once(full, sigma, pos, neg, latent), base) < TOL
+        assert S.rel_err(got, S.denoise_once(sibling, sigma, pos, neg, latent), base) < TOL
+    assert "  min_rank = 8  (T-LoRA Loader mask: all ranks)" in info.splitlines()
+
+
+# --- takenoko ---------------------------------------------------------------------------------------
+TAKENOKO_CASES = {
+    "lora": dict(trainer_type="lora", rank=16, alpha=8.0, min_rank=1, tlora_alpha=1.0, boundary=875),
+    "ortho_lora": dict(trainer_type="ortho_lora", rank=16, alpha=16.0, min_rank=2, tlora_alpha=1.5, boundary=875),
+    "ortho_from_layer": dict(trainer_type="ortho_lora", ortho_from_layer=True, rank=16, alpha=8.0, min_rank=1,
+                             tlora_alpha=1.0, boundary=875),
+}
+TAKENOKO_LAYOUTS = {"lora": "plain", "ortho_lora": "8 orthogonal and 2 plain modules",
+                    "ortho_from_layer": "orthogonal, stored base"}
+
+
+@pytest.mark.parametrize("case", list(TAKENOKO_CASES))
+def test_takenoko_is_exact(wan, loras, tmp_path, case):
+    cfg = TAKENOKO_CASES[case]
+    path = tf.write_takenoko(wan["model"], tmp_path / f"takenoko_{case}.safetensors", seed=7, **cfg)
+    mods = raw_modules(path)
+    if case == "ortho_lora":  # random ortho init: the non-square ffn layers stayed plain
+        plain = sorted(n for n, t in mods.items() if "q_layer.weight" not in t)
+        assert plain == [f"t_lora_unet_blocks_{b}_ffn_{i}" for b in range(2) for i in (0, 2)]
+        per_block = len(mods) // 2
+        layout = f"{2 * (per_block - 2)} orthogonal and {2 * 2} plain modules"
+    else:
+        layout = TAKENOKO_LAYOUTS[case]
+
+    def rank_at(sigma):  # takenoko trains with t = 1000 * sigma + 1 (timestep_utils.py)
+        return takenoko_rank(1000.0 * f32(sigma) + 1.0, cfg["rank"], cfg["min_rank"], cfg["tlora_alpha"],
+                             cfg["boundary"])
+
+    _, info, ranks = check_exact(wan, loras, path, "t_lora_unet_", rank_at, TAKENOKO_SIGMAS,
+                                 f"takenoko T-LoRA (Wan), {layout}")
+    assert ranks[-2:] == [cfg["rank"]] * 2  # full rank at and below the boundary
+    assert "  boundary_timestep = 875  (file metadata takenoko_config_content (network_args))" in info.splitlines()
+
+
+def test_takenoko_without_config_uses_its_defaults(wan, loras, tmp_path):
+    path = tf.write_takenoko(wan["model"], tmp_path / "takenoko_bare.safetensors", min_rank=3, tlora_alpha=2.0,
+                             embed_config=False)
+    _, info = loader.TLoraLoader.execute(wan["model"], put(loras, path), 1.0).args
+    lines = info.splitlines()
+    assert "  min_rank = 1  (takenoko defaults)" in lines and "  alpha = 1  (takenoko defaults)" in lines
+    assert "  boundary_timestep = 875  (takenoko defaults)" in lines
+    assert "note: the file carries no takenoko config" in info
+
+
+# --- Fizgig (Krea 2) --------------------------------------------------------------------------------
+def test_fizgig_is_exact(krea2, loras, tmp_path):
+    path = tf.write_fizgig(krea2["model"], tmp_path / "fizgig.safetensors", min_rank=2, rank=8, alpha=8.0, seed=8)
+    m = krea2["model"]
+    check_exact(krea2, loras, path, "lora_unet_", lambda s: fizgig_rank(dit_timestep(m, s), 8, 2), FIZGIG_SIGMAS,
+                "Fizgig T-LoRA (krea2)")
+
+
+# --- plain-LoRA exports of a T-LoRA -----------------------------------------------------------------
+def test_exports_are_refused_with_a_pointer_to_loraloader(anima, wan, loras, tmp_path):
+    path = tf.write_anima(anima["model"], tmp_path / "anima_x.safetensors", init="orthogonal")
+    sibling = put(loras, tf.anima_comfy_sibling_path(path))
+    with pytest.raises(TLoRAFormatError, match=r"_comfy export.*LoraLoader"):
+        loader.TLoraLoader.execute(anima["model"], sibling, 1.0)
+    mods = [f"blocks.0.self_attn.{p}" for p in "qkvo"]
+    for metadata in ("sd-scripts", "simpletuner", None):
+        prefix = "lycoris" if metadata == "simpletuner" else "lora_unet"
+        p = tf.write_lycoris_rank2r_export(wan["model"], tmp_path / f"r2r_{metadata}.safetensors", modules=mods,
+                                           metadata=metadata, prefix=prefix)
+        with pytest.raises(TLoRAFormatError, match=r"rank-2r export.*LoraLoader"):
+            loader.TLoraLoader.execute(wan["model"], put(loras, p), 1.0)
