@@ -66,6 +66,22 @@ class Family:
     diffusers_map: Optional[Callable[[dict], dict]] = field(default=None, compare=False)
 
 
+def crossed(parents: dict, children: dict) -> dict:
+    """{"a.b": "A.B"} for every parent rename a -> A and child rename b -> B."""
+    return {f"{p}.{c}": f"{pp}.{cc}" for p, pp in parents.items() for c, cc in children.items()}
+
+
+def renames(outer: dict, per_block: dict, blocks: int, diffusers_block: str, comfy_block: str) -> dict:
+    """A ``diffusers_map`` of weight renames: ``outer`` {diffusers path: ComfyUI path} once, and
+    ``per_block`` the same within each of ``blocks`` blocks, whose paths begin with
+    ``diffusers_block`` / ``comfy_block`` (``{}`` for the block index)."""
+    out = {f"{d}.weight": f"{c}.weight" for d, c in outer.items()}
+    for i in range(blocks):
+        d, c = diffusers_block.format(i), comfy_block.format(i)
+        out.update({f"{d}.{dp}.weight": f"{c}.{cp}.weight" for dp, cp in per_block.items()})
+    return out
+
+
 @functools.lru_cache(maxsize=None)
 def _registry() -> tuple:
     return tuple(importlib.import_module(f"{__name__}.{m.name}").FAMILY for m in pkgutil.iter_modules(__path__))

@@ -1,33 +1,28 @@
 """Cosmos-Predict2 (text / image to image and video): diffusers ``CosmosTransformer3DModel`` names
 on ComfyUI's ``MiniTrainDIT`` (the original layout), which ComfyUI's key map knows only natively."""
 
-from . import Family
+from . import Family, crossed, renames
 
 _ATTN = {"attn1": "self_attn", "attn2": "cross_attn"}
 _PROJ = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out.0": "output_proj"}
 _NORM = {"norm1": "adaln_modulation_self_attn", "norm2": "adaln_modulation_cross_attn", "norm3": "adaln_modulation_mlp"}
 
 
+_OUTER = {
+    "patch_embed.proj": "x_embedder.proj.1",
+    "time_embed.t_embedder.linear_1": "t_embedder.1.linear_1",
+    "time_embed.t_embedder.linear_2": "t_embedder.1.linear_2",
+    "norm_out.linear_1": "final_layer.adaln_modulation.1",
+    "norm_out.linear_2": "final_layer.adaln_modulation.2",
+    "proj_out": "final_layer.linear",
+}
+_BLOCK = crossed(_ATTN, _PROJ)
+_BLOCK.update({"ff.net.0.proj": "mlp.layer1", "ff.net.2": "mlp.layer2"})
+_BLOCK.update({f"{norm}.linear_{i}": f"{comfy_norm}.{i}" for norm, comfy_norm in _NORM.items() for i in (1, 2)})
+
+
 def diffusers_map(unet_config: dict) -> dict:
-    out = {
-        "patch_embed.proj.weight": "x_embedder.proj.1.weight",
-        "time_embed.t_embedder.linear_1.weight": "t_embedder.1.linear_1.weight",
-        "time_embed.t_embedder.linear_2.weight": "t_embedder.1.linear_2.weight",
-        "norm_out.linear_1.weight": "final_layer.adaln_modulation.1.weight",
-        "norm_out.linear_2.weight": "final_layer.adaln_modulation.2.weight",
-        "proj_out.weight": "final_layer.linear.weight",
-    }
-    for i in range(unet_config.get("num_blocks", 10)):
-        d, c = f"transformer_blocks.{i}", f"blocks.{i}"
-        for attn, comfy_attn in _ATTN.items():
-            for proj, comfy_proj in _PROJ.items():
-                out[f"{d}.{attn}.{proj}.weight"] = f"{c}.{comfy_attn}.{comfy_proj}.weight"
-        out[f"{d}.ff.net.0.proj.weight"] = f"{c}.mlp.layer1.weight"
-        out[f"{d}.ff.net.2.weight"] = f"{c}.mlp.layer2.weight"
-        for norm, comfy_norm in _NORM.items():
-            out[f"{d}.{norm}.linear_1.weight"] = f"{c}.{comfy_norm}.1.weight"
-            out[f"{d}.{norm}.linear_2.weight"] = f"{c}.{comfy_norm}.2.weight"
-    return out
+    return renames(_OUTER, _BLOCK, unet_config.get("num_blocks", 10), "transformer_blocks.{}", "blocks.{}")
 
 
 FAMILY = Family("Cosmos-Predict2", ("CosmosT2IPredict2", "CosmosI2VPredict2"), diffusers_map)

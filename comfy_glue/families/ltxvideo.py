@@ -7,7 +7,7 @@ differ by name (``proj_in`` is ``patchify_proj``, ``time_embed`` is ``adaln_sing
 diffusers' ``convert_ltx_transformer_checkpoint_to_diffusers`` renames them.
 """
 
-from . import Family
+from . import Family, renames
 
 _OUTER = {
     "proj_in": "patchify_proj",
@@ -23,11 +23,8 @@ _BLOCK += ["ff.net.0.proj", "ff.net.2"]
 
 
 def diffusers_map(unet_config: dict) -> dict:
-    out = {f"{d}.weight": f"{c}.weight" for d, c in _OUTER.items()}
-    for i in range(unet_config.get("num_layers", 0)):
-        for path in _BLOCK:
-            out[f"transformer_blocks.{i}.{path}.weight"] = f"transformer_blocks.{i}.{path}.weight"
-    return out
+    return renames(_OUTER, {p: p for p in _BLOCK}, unet_config.get("num_layers", 0), "transformer_blocks.{}",
+                   "transformer_blocks.{}")
 
 
 FAMILY = Family("LTX-Video", ("LTXV",), diffusers_map)

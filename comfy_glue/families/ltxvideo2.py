@@ -7,7 +7,7 @@ as diffusers' ``convert_ltx2_transformer_to_diffusers`` renames them. ``LTXAV`` 
 ``LTXV``'s config: listing it here makes this map win for LTX-2 models.
 """
 
-from . import Family
+from . import Family, renames
 
 _ADALN = {
     "time_embed": "adaln_single",
@@ -36,11 +36,8 @@ _BLOCK += [f"{ff}.{lin}" for ff in ("ff", "audio_ff") for lin in ("net.0.proj", 
 
 
 def diffusers_map(unet_config: dict) -> dict:
-    out = {f"{d}.weight": f"{c}.weight" for d, c in _OUTER.items()}
-    for i in range(unet_config.get("num_layers", 0)):
-        for path in _BLOCK:
-            out[f"transformer_blocks.{i}.{path}.weight"] = f"transformer_blocks.{i}.{path}.weight"
-    return out
+    return renames(_OUTER, {p: p for p in _BLOCK}, unet_config.get("num_layers", 0), "transformer_blocks.{}",
+                   "transformer_blocks.{}")
 
 
 FAMILY = Family("LTX-2", ("LTXAV",), diffusers_map)
