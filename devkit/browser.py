@@ -2,6 +2,10 @@
 
 Nothing is downloaded: playwright is only the driver, the browser is ``/usr/bin/chromium`` (or
 ``$CHROMIUM``). Each session gets a fresh profile directory.
+
+Works with the frontends of the hosts the pack is tested on (1.32 with ComfyUI 0.3.75, 1.45 with
+0.28). The helpers here and the browser tests find things as a user does, by labels, roles and
+visible text; they read the graph through ``window.app``, the frontend's API for extensions.
 """
 
 from __future__ import annotations
@@ -15,8 +19,15 @@ import urllib.request
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
-# The frontend's first-run dialogs (template browser, tours) would cover the canvas.
-QUIET_SETTINGS = {"Comfy.TutorialCompleted": True}
+# The frontend's first-run dialogs (template browser, tours) and its missing-model/node dialogs (the
+# examples name model files this server does not have) would cover the canvas.
+QUIET_SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Workflow.ShowMissingModelsWarning": False,
+                  "Comfy.Workflow.ShowMissingNodesWarning": False}
+# Ready: the graph exists and the start-up workflow is restored. Frontend 1.45 restores it after
+# ``app.graph`` exists, behind a page-wide busy mask (PrimeVue BlockUI) that swallows clicks.
+READY_JS = ("() => !!(window.app && window.app.graph && window.app.canvas && document.querySelector('#graph-canvas')) "
+            "&& window.app.vueAppReady !== false && !document.querySelector('.p-blockui-mask') "
+            "&& (window.app.extensionManager?.workflow === undefined || !!window.app.extensionManager.workflow.activeWorkflow)")
 
 
 def chromium_path() -> str | None:
@@ -66,10 +77,25 @@ def open_comfy(server_url: str, viewport=None, timeout_ms: int = 60000):
                 page.on("console", lambda m: page.console.append(f"{m.type}: {m.text}"))
                 page.on("pageerror", lambda e: page.console.append(f"pageerror: {e}"))
                 page.goto(server_url)
-                page.wait_for_function("window.app && window.app.graph && window.app.canvas && "
-                                       "document.querySelector('#graph-canvas')")
+                wait_ready(page)
                 yield page
             finally:
                 ctx.close()
     finally:
         shutil.rmtree(profile, ignore_errors=True)
+
+
+def wait_ready(page) -> None:
+    """Wait until the frontend has started and restored its workflow (after a load or reload)."""
+    page.wait_for_function(READY_JS)
+
+
+def set_ui_setting(page, key: str, value) -> None:
+    """Change a setting in the running page, as its settings dialog does (applied at once, and stored)."""
+    page.evaluate("async ([k, v]) => { await app.extensionManager.setting.set(k, v); }", [key, value])
+
+
+def new_graph(page) -> None:
+    """An empty graph on the canvas."""
+    page.evaluate("() => { app.graph.clear(); app.canvas.setDirty(true, true); }")
+    page.wait_for_function("app.graph._nodes.length === 0")
