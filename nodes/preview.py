@@ -61,16 +61,24 @@ def step_table(model, sigmas, schedules: list[tuple[str, sched.Schedule]]) -> tu
     ms = model.get_model_object("model_sampling")
     step_sigmas = sigmas[:-1]
     per_schedule = [timesteps.active_ranks(ms, step_sigmas, s, sample_sigmas=sigmas) for _, s in schedules]
-    T = schedules[0][1].max_timestep
-    ts = timesteps.timesteps_from_sigmas(ms, step_sigmas, T) if len(step_sigmas) else []
-    head = ["step", "sigma", f"t (T={T})"] + [f"rank: {name}" for name, _ in schedules]
+    first = schedules[0][1]
+    ts = timesteps.timesteps_from_sigmas(ms, step_sigmas, first.max_timestep) if len(step_sigmas) else []
+    head = ["step", "sigma", f"t (T={first.max_timestep:g})"] + [f"rank: {name}" for name, _ in schedules]
     rows = [head]
     for i, sigma in enumerate(step_sigmas.tolist()):
-        rows.append([str(i), f"{sigma:.4f}", f"{ts[i]:.1f}"] + [f"{r[i]}/{s.max_rank}" for r, (_, s) in zip(per_schedule, schedules)])
+        t = ts[i] + first.timestep_offset
+        rows.append([str(i), f"{sigma:.4f}", f"{t:.5g}"] + [f"{r[i]}/{s.max_rank}" for r, (_, s) in zip(per_schedule, schedules)])
     widths = [max(len(row[c]) for row in rows) for c in range(len(head))]
     lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
     lines += [""] + [f"{name}: {s.describe()}" for name, s in schedules]
     return per_schedule, "\n".join(lines)
+
+
+def _short(s: sched.Schedule) -> str:
+    """A schedule in one line for the chart: R, min, alpha, mode, T, and boundary / offset where set."""
+    extra = (f" boundary={s.boundary_timestep:g}" if s.boundary_timestep else "") + (
+        f" offset={s.timestep_offset:+g}" if s.timestep_offset else "")
+    return f"R={s.max_rank} min={s.min_rank} alpha={s.alpha:g} {s.mode} T={s.max_timestep:g}{extra}"
 
 
 class TLoraSchedulePreview(io.ComfyNode):
@@ -126,8 +134,7 @@ class TLoraSchedulePreview(io.ComfyNode):
         image = chart.rank_chart(
             series,
             title=f"T-LoRA active rank per step: {sampler_name} / {scheduler}, {steps} steps, denoise {denoise:g}",
-            subtitle=" | ".join(f"{name}: R={s.max_rank} min={s.min_rank} alpha={s.alpha:g} {s.mode} T={s.max_timestep}"
-                                for name, s in schedules),
+            subtitle=" | ".join(f"{name}: {_short(s)}" for name, s in schedules),
         )
         # the chart shows on the node; the table rides along in the history for API users
         return io.NodeOutput(image, table, ui={**ui.PreviewImage(image, cls=cls).as_dict(), "text": [table]})

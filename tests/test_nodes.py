@@ -157,3 +157,21 @@ def test_preview_charts_the_tloras_on_the_model(nodes, core, tiny_sdxl):
     one = _with_tlora(tiny_sdxl, "a.safetensors", file_schedule(core, max_rank=8))
     _, table = nodes.TLoraSchedulePreview.execute(one, "euler", "normal", 6, 1.0, schedule=make_overrides(nodes)).args
     assert "rank: schedule input on a.safetensors" in table and table.splitlines()[6].split()[-1].endswith("/8")
+
+
+def test_preview_of_a_boundary_schedule_with_an_offset(nodes, tiny_flux):
+    """takenoko's schedule set on the node (boundary 875, t = 1000 sigma + 1, not truncated): every
+    rank up to the boundary, then down to min_rank at T; the table shows the trainer's t."""
+    sch = make_overrides(nodes, max_rank=16, min_rank=1, alpha=1.0, boundary_timestep=875.0, timestep_offset=1.0,
+                         truncate_t="none")
+    _, table = nodes.TLoraSchedulePreview.execute(tiny_flux, "euler", "simple", 12, 1.0, schedule=sch).args
+    sigmas = nodes.sampler_sigmas(tiny_flux, "euler", "simple", 12, 1.0)[:-1].tolist()
+    rows = [line.split() for line in table.splitlines()[1:13]]
+    want = []
+    for s in sigmas:
+        t = 1000.0 * s + 1.0
+        frac = 1.0 if t <= 875 else min(max(1 - (t - 875) / 125, 0.0), 1.0)
+        want.append(math.floor(frac * 15 + 1))
+    assert [r[-1] for r in rows] == [f"{w}/16" for w in want]
+    assert [float(r[2]) for r in rows] == pytest.approx([1000.0 * s + 1.0 for s in sigmas], rel=1e-4)
+    assert want[0] < 16 and want.count(16) >= 6  # reduced above the boundary only
