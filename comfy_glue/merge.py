@@ -147,7 +147,7 @@ def _unmergeable(module, w, device, key: str) -> str:
     if w.device != device:
         return f"its weight is on {w.device}, not {device}"
     if getattr(module, "comfy_cast_weights", False):
-        return "ComfyUI casts its weight at every call (low-VRAM loading or manual cast)"
+        return "ComfyUI casts its weight at every call (low-VRAM or dynamic VRAM loading, manual cast)"
     if _MERGING.get(id(w), key) != key:
         return "another T-LoRA merges into it"
     return ""
