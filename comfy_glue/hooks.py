@@ -20,21 +20,23 @@ OFF = object()  # state: inside a model call whose rank is unknown (already warn
 
 
 class CallState:
-    """Active ranks of one model call; masks are built only when the batch mixes ranks."""
+    """Active ranks of one model call, by module rank; masks are built only when the batch mixes
+    ranks."""
 
     __slots__ = ("ranks", "uniform", "merged", "_masks")
 
-    def __init__(self, ranks: list[int]):
-        self.ranks = ranks
-        self.uniform = ranks[0] if all(r == ranks[0] for r in ranks) else None
+    def __init__(self, ranks: dict[int, list[int]]):
+        self.ranks = ranks  # module rank -> active rank per batch element
+        # module rank -> the active rank of every batch element; None: the batch mixes ranks
+        self.uniform = {R: rs[0] for R, rs in ranks.items()} if all(len(set(rs)) == 1 for rs in ranks.values()) else None
         self.merged = False  # merge mode: the weights carry these ranks, hooks add nothing
         self._masks = {}
 
-    def mask(self, rank_cap: int, group: int, device, dtype) -> torch.Tensor:
-        key = (rank_cap, group, device, dtype)
+    def mask(self, module_rank: int, group: int, device, dtype) -> torch.Tensor:
+        key = (module_rank, group, device, dtype)
         m = self._masks.get(key)
         if m is None:
-            m = self._masks[key] = rt.prefix_mask([min(r, rank_cap) for r in self.ranks], group, dtype, device)
+            m = self._masks[key] = rt.prefix_mask(self.ranks[module_rank], group, dtype, device)
         return m
 
 
@@ -104,19 +106,19 @@ class LayerHooks:
 
     def _add(self, entries, state: CallState, x: torch.Tensor, output: torch.Tensor) -> None:
         prepared = self._adapters_for(x.device, x.dtype)
-        strength, r = self._strength, state.uniform
-        if r is not None and output.dtype == x.dtype and output.is_contiguous():
+        strength, active = self._strength, state.uniform
+        if active is not None and output.dtype == x.dtype and output.is_contiguous():
             # the usual call (one noise level for the whole cond/uncond batch)
             x2 = x.reshape(-1, x.shape[-1])
             o2 = output.view(-1, output.shape[-1])
             for e in entries:
                 ad = e.adapter
-                rt.add_prefix_2d_(o2, x2, prepared[e.index], min(r, ad.rank) * ad.group, strength, e.out_slice)
+                rt.add_prefix_2d_(o2, x2, prepared[e.index], active[ad.rank] * ad.group, strength, e.out_slice)
             return
         for e in entries:
             p, ad = prepared[e.index], e.adapter
-            if r is not None:
-                rt.add_lowrank_(output, x, p.down, p.up, min(r, ad.rank) * ad.group, strength, e.out_slice)
+            if active is not None:
+                rt.add_lowrank_(output, x, p.down, p.up, active[ad.rank] * ad.group, strength, e.out_slice)
             else:
                 mask = state.mask(ad.rank, ad.group, x.device, x.dtype)
                 rt.add_lowrank_per_sample_(output, x, p.down, p.up, mask, strength, e.out_slice)

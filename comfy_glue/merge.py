@@ -48,41 +48,42 @@ class MergedRun:
         self.why = ""
         self.slots: list = []  # _Slot: a weight (or a slice of it) with its copy and adapters
         self.owners: list[int] = []  # id() of the weights merged into (``_MERGING``)
-        self.rank = 0  # the rank the weights carry
+        self.carried: Optional[dict] = {}  # module rank -> the active rank the weights carry ({}: none)
 
     def refuse(self, why: str) -> None:
         """This run cannot merge (decided before its first call): every call goes to the hooks."""
         self.usable, self.why = False, why
 
-    def set_rank(self, rank: Optional[int], device: torch.device) -> bool:
-        """Make the weights carry ``rank`` (0: the base weights). ``None`` (a batch of mixed ranks)
-        and runs that cannot merge put the base weights back and return False: hooks then apply it."""
+    def set_rank(self, active: Optional[dict], device: torch.device) -> bool:
+        """Make the weights carry ``active`` (module rank -> active rank; {}: the base weights).
+        ``None`` (a batch of mixed ranks) and runs that cannot merge put the base weights back and
+        return False: hooks then apply it."""
         if self.usable is None:
             self.usable = self._prepare(device)
         if not self.usable:
             return False
-        target = 0 if rank is None else rank
-        if target != self.rank:
+        target = {} if active is None else active
+        if target != self.carried:
             w0 = self.slots[0].view
             prepared = self.weights_for(w0.device, w0.dtype)
-            carried, self.rank = self.rank, -1  # unknown until every slice is written (restore() puts all back anyway)
+            carried, self.carried = self.carried, None  # unknown until every slice is written (restore() puts all back anyway)
             with torch.no_grad():
                 for slot in self.slots:
                     slot.carry(prepared, target, carried, self.strength)
-            self.rank = target
-        return rank is not None
+            self.carried = target
+        return active is not None
 
     def restore(self) -> None:
         """The base weights back in place (bit-exact copies), the copies freed."""
         try:
-            if self.rank != 0:
+            if self.carried != {}:
                 with torch.no_grad():
                     for slot in self.slots:
                         slot.view.copy_(slot.copy)
         finally:
             for o in self.owners:
                 _MERGING.pop(o, None)
-            self.slots, self.owners, self.rank = [], [], 0
+            self.slots, self.owners, self.carried = [], [], {}
 
     def _prepare(self, device: torch.device) -> bool:
         slots, owners = [], []
@@ -126,9 +127,13 @@ class _Slot:
     def __init__(self, view: torch.Tensor, parts: list):
         self.view, self.copy, self.parts = view, None, parts
 
-    def carry(self, prepared: list, target: int, carried: int, strength: float) -> None:
-        ks = [(e, min(target, e.adapter.rank) * e.adapter.group, min(carried, e.adapter.rank) * e.adapter.group, rows)
-              for e, rows in self.parts]
+    def carry(self, prepared: list, target: dict, carried: dict, strength: float) -> None:
+        """Carry ``target`` (module rank -> active rank), ``carried`` being what it carries now (None:
+        unknown, after an error part-way: every slice is rewritten)."""
+        def cols(active, e):
+            return -1 if active is None else active.get(e.adapter.rank, 0) * e.adapter.group
+
+        ks = [(e, cols(target, e), cols(carried, e), rows) for e, rows in self.parts]
         if len(ks) == 1:
             e, k, c, _ = ks[0]
             rt.merge_prefix_(self.view, self.copy, prepared[e.index], k, strength, c)

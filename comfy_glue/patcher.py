@@ -70,6 +70,7 @@ class TLoraPatch:
             entry = Entry(len(self._sources), tuple(t.out_slice) if t.out_slice is not None else None, t.adapter)
             self._sources.append((t.adapter.down, t.adapter.up))
             self.modules.setdefault(t.module, []).append(entry)
+        self.module_ranks = sorted({t.adapter.rank for t in targets})
         self.runs: list[Run] = []  # open sampling runs, innermost last
         self._copies: dict[torch.device, tuple[torch.dtype, list]] = {}  # device -> (dtype, prepared adapters)
         self._lock = threading.Lock()
@@ -105,8 +106,8 @@ class TLoraPatch:
     def _state_for(self, model_sampling, sigmas, transformer_options):
         ranks = None
         if model_sampling is not None and sigmas is not None:
-            ranks = timesteps.active_ranks(model_sampling, torch.as_tensor(sigmas), self.schedule,
-                                           transformer_options.get("sample_sigmas"))
+            ranks = timesteps.module_active_ranks(model_sampling, torch.as_tensor(sigmas), self.schedule,
+                                                  self.module_ranks, transformer_options.get("sample_sigmas"))
         if ranks is None:
             self.warn_once("no-sigma", "a model call without a known noise level (no sampler sigmas): "
                            "the T-LoRA adds nothing to it")
@@ -240,12 +241,12 @@ class Layers:
                 self.hooks = None
 
 
-def _merge_rank(state) -> Optional[int]:
-    """The rank merged weights must carry for a call: 0 where nothing is added, None where the
-    batch mixes ranks (no single weight can carry that)."""
+def _merge_rank(state) -> Optional[dict]:
+    """The ranks merged weights must carry for a call (module rank -> active rank): {} where
+    nothing is added, None where the batch mixes ranks (no single weight can carry that)."""
     if isinstance(state, CallState):
         return state.uniform
-    return 0
+    return {}
 
 
 def _merge_refused(model_patcher) -> str:

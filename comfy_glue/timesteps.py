@@ -64,7 +64,16 @@ def timesteps_from_sigmas(model_sampling, sigmas: torch.Tensor, max_timestep: fl
 
 def active_ranks(model_sampling, sigmas: torch.Tensor, schedule: sched.Schedule,
                  sample_sigmas: Optional[Sequence[float]] = None) -> Optional[list[int]]:
-    """Active rank per batch element, or None when the schedule cannot be evaluated.
+    """Active rank (of a module of the schedule's rank R) per batch element, or None when the
+    schedule cannot be evaluated (see ``module_active_ranks``)."""
+    by_rank = module_active_ranks(model_sampling, sigmas, schedule, (schedule.max_rank,), sample_sigmas)
+    return None if by_rank is None else by_rank[schedule.max_rank]
+
+
+def module_active_ranks(model_sampling, sigmas: torch.Tensor, schedule: sched.Schedule, module_ranks,
+                        sample_sigmas: Optional[Sequence[float]] = None) -> Optional[dict[int, list[int]]]:
+    """Module rank -> active rank per batch element (``sched.ranks_by_module_rank``), or None when
+    the schedule cannot be evaluated.
 
     The step-index schedule needs the sampler's sigmas (``transformer_options["sample_sigmas"]``);
     without them (a model call outside sampling) there is no defined rank.
@@ -73,5 +82,8 @@ def active_ranks(model_sampling, sigmas: torch.Tensor, schedule: sched.Schedule,
         if sample_sigmas is None:
             return None
         ss = [float(s) for s in torch.as_tensor(sample_sigmas).reshape(-1).tolist()]
-        return sched.ranks_for_sigmas_by_step(sigmas.reshape(-1).float().cpu().tolist(), ss, schedule)
-    return sched.ranks_for_timesteps(timesteps_from_sigmas(model_sampling, sigmas, schedule.max_timestep), schedule)
+        levels = sigmas.reshape(-1).float().cpu().tolist()
+        return sched.ranks_by_module_rank(lambda s: sched.ranks_for_sigmas_by_step(levels, ss, s), schedule,
+                                          module_ranks)
+    ts = timesteps_from_sigmas(model_sampling, sigmas, schedule.max_timestep)
+    return sched.ranks_by_module_rank(lambda s: sched.ranks_for_timesteps(ts, s), schedule, module_ranks)

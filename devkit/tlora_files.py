@@ -575,22 +575,25 @@ def _anima_comfy_sibling(sd: dict, dtype) -> dict:
 
 def write_anima(model_patcher, path, init: str = "kaiming", rank: int = 8, alpha: float = 4.0, *, min_rank: int = 1,
                 alpha_rank_scale: float = 1.0, sig_type: str = "last", dtype=torch.bfloat16, comfy_sibling: bool = True,
-                max_timestep: float = 1.0, seed: int = 0) -> Path:
+                max_timestep: float = 1.0, type_dims: Optional[dict] = None, seed: int = 0) -> Path:
     """A T-LoRA as the Anima kohya fork saves it (``TLoRANetwork.save_weights``): ``lora_unet_<path>``
     of the Linears in the DiT's Block / PatchEmbed / TimestepEmbedding / FinalLayer modules minus its
     exclude pattern (10 per block); ``init`` "kaiming": lora_down / lora_up / alpha, "orthogonal" (QR
     base) or "layer_orthogonal" (the layer's SVD, ``sig_type``): q_layer / p_layer / lambda_layer with
     the frozen base_q / base_p / base_lambda_buf; every tensor cast to ``dtype`` (bf16 alpha too),
     sd-scripts' metadata with the ``ss_tlora_*`` keys; and, as the fork does on every save,
-    ``<name>_comfy.safetensors`` (``comfy_sibling``)."""
+    ``<name>_comfy.safetensors`` (``comfy_sibling``). ``type_dims`` ({"self_attn": 4, "cross_attn": 16,
+    "mlp": 2}): the fork's ``self_attn_dim`` / ``cross_attn_dim`` / ``mlp_dim`` network args, a rank of
+    their own for those modules."""
     if init not in ("kaiming", "orthogonal", "layer_orthogonal"):
         raise ValueError(f"tlora_init {init!r}")
     path = Path(path)
     gen = torch.Generator().manual_seed(seed)
-    sd = {}
+    network_dim, sd = rank, {}
     with torch.no_grad():
         for name, lin in sorted(kohya_modules(_dit(model_patcher), "lora_unet", ANIMA_TARGETS, ANIMA_EXCLUDE).items()):
             o, i = lin.weight.shape
+            rank = next((d for kind, d in (type_dims or {}).items() if f"_{kind}_" in name), network_dim)
             if init == "kaiming":
                 down, up = _trained_plain(_kaiming_down(rank, i, gen), o, gen)
                 sd.update({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up})
@@ -604,6 +607,7 @@ def write_anima(model_patcher, path, init: str = "kaiming", rank: int = 8, alpha
     if dtype is not None:
         sd = {k: v.detach().clone().contiguous().to(dtype) for k, v in sd.items()}
     net_args = {"tlora_min_rank": str(min_rank), "tlora_alpha_rank_scale": str(alpha_rank_scale), "tlora_init": init}
+    net_args.update({f"{kind}_dim": str(d) for kind, d in (type_dims or {}).items()})
     if init != "kaiming":
         net_args["tlora_sig_type"] = sig_type
     precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "float")
@@ -611,7 +615,7 @@ def write_anima(model_patcher, path, init: str = "kaiming", rank: int = 8, alpha
         "ss_session_id": "1234567890", "ss_training_started_at": "1775000000.0", "ss_output_name": path.stem,
         "ss_learning_rate": "0.0001", "ss_unet_lr": "0.0001", "ss_text_encoder_lr": "None",
         "ss_num_train_images": "20", "ss_num_epochs": "10", "ss_max_train_steps": "2000",
-        "ss_network_module": "networks.lora_tlora_anima", "ss_network_dim": str(rank), "ss_network_alpha": str(alpha),
+        "ss_network_module": "networks.lora_tlora_anima", "ss_network_dim": str(network_dim), "ss_network_alpha": str(alpha),
         "ss_network_dropout": "None", "ss_mixed_precision": "bf16", "ss_save_precision": precision,
         "ss_base_model_version": "anima", "ss_network_args": json.dumps(net_args),
         "ss_weighting_scheme": "none", "ss_timestep_sampling": "sigmoid", "ss_sigmoid_scale": "1.0",

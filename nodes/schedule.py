@@ -47,10 +47,12 @@ class ScheduleOverrides:
         if not 0 <= self.boundary_timestep < self.max_timestep:
             raise ValueError(f"{self.source}: boundary_timestep {self.boundary_timestep:g} must be below max_timestep "
                              f"{self.max_timestep:g}")
+        # a max_rank set on the node is the one mask length of every module (each capped at its rank)
+        per_module = False if self.max_rank is not None and base.per_module_rank else None
         return base.with_overrides(self.source, max_rank=self.max_rank, min_rank=self.min_rank, alpha=self.alpha,
                                    mode=self.mode, max_timestep=self.max_timestep,
                                    boundary_timestep=self.boundary_timestep, timestep_offset=self.timestep_offset,
-                                   truncate_timestep=self.truncate_timestep)
+                                   truncate_timestep=self.truncate_timestep, per_module_rank=per_module)
 
 
 class TLoraSchedule(io.ComfyNode):
@@ -69,7 +71,8 @@ class TLoraSchedule(io.ComfyNode):
             inputs=[
                 io.Int.Input("max_rank", default=0, min=0, max=4096,
                              tooltip="R, the number of ranks at the clean end of the schedule. 0 = the file's rank "
-                                     "(a smaller value caps the adapter at that many ranks)."),
+                                     "(each module's own, where its trainer masks modules by their own "
+                                     "rank); a smaller value caps every module at that many ranks."),
                 io.Int.Input("min_rank", default=1, min=0, max=4096,
                              tooltip="Ranks active at pure noise (t = T). The trainers' default is 1."),
                 io.Float.Input("alpha", default=1.0, min=0.05, max=16.0, step=0.05, round=0.01,

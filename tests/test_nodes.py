@@ -24,6 +24,19 @@ def core():
     return pack_module("tlora_core.schedule")
 
 
+def test_a_max_rank_set_on_the_node_is_one_mask_for_every_module(nodes, core):
+    """A file whose trainer masks each module by its own rank: the node's max_rank 0 keeps that rule,
+    a max_rank set there is the one mask length of every module (each capped at its own rank)."""
+    sched, ScheduleOverrides = core, nodes.ScheduleOverrides
+    base = sched.Schedule(max_rank=16, min_rank=2, per_module_rank=True)
+    keep = ScheduleOverrides(max_rank=None, min_rank=2, alpha=1.0, mode=sched.TIMESTEP, max_timestep=1000)
+    assert keep.resolve(base).per_module_rank
+    cap = ScheduleOverrides(max_rank=8, min_rank=2, alpha=1.0, mode=sched.TIMESTEP, max_timestep=1000).resolve(base)
+    assert not cap.per_module_rank and cap.sources["per_module_rank"] == "T-LoRA Schedule node"
+    by_rank = sched.ranks_by_module_rank(lambda x: sched.ranks_for_timesteps([500], x), cap, [4, 16])
+    assert by_rank == {4: [4], 16: [5]}  # r(500) = floor(0.5 * 6) + 2 = 5 of the node's R = 8, capped at 4
+
+
 def file_schedule(core, **kw):
     values = dict(max_rank=32, min_rank=2, alpha=2.0, mode="timestep", max_timestep=1000)
     values.update(kw)

@@ -102,10 +102,14 @@ def _sample(model, cond, latent, sampler, cfg=2.5):
 
 
 def _current_ranks(model):
-    """The ranks the model's T-LoRA set for the call in progress (None where it set none)."""
+    """The ranks the model's T-LoRA set for the call in progress, per batch element, for its modules
+    (all of one rank here; None where it set none)."""
     (patch,) = patcher.tlora_patches(model)
     state = patch.runs[-1].layers_for(model.model.diffusion_model).state
-    return list(state.ranks) if hasattr(state, "ranks") else None
+    if not hasattr(state, "ranks"):
+        return None
+    (ranks,) = state.ranks.values()
+    return list(ranks)
 
 
 CASES = [

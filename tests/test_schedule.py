@@ -4,6 +4,7 @@ The README's table must be what the code computes."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from fractions import Fraction
@@ -54,6 +55,26 @@ def test_rank_is_lycoris_compute_timestep_mask(s, data):
     mask = runtime.prefix_mask([sched.rank_at_timestep(t, s)], 1)
     mask = torch.cat([mask, mask.new_zeros(1, s.max_rank - mask.shape[1])], 1)
     assert torch.equal(mask, ref)
+
+
+@settings(max_examples=200, deadline=None)
+@given(schedules(), st.lists(st.integers(1, 256), min_size=1, max_size=4), st.floats(0, 1000, allow_nan=False))
+def test_module_ranks_follow_the_trainers_rule(s, module_ranks, t):
+    """Modules of other ranks R_m: LyCORIS cuts one mask of length R (``mask[:, :lora_dim]``,
+    lycoris.modules.tlora ``_get_mask``), the kohya-style trainers build each module's mask from its own
+    rank (sd-scripts fork ``build_rank_mask(progress, rank, min_rank)``, min_rank clamped to it)."""
+    from lycoris.modules.tlora import compute_timestep_mask
+
+    module_ranks = [min(R, s.max_rank) for R in module_ranks]
+    ti = min(int(t), int(s.max_timestep))
+    shared = sched.ranks_by_module_rank(lambda x: sched.ranks_for_timesteps([ti], x), s, module_ranks)
+    for R in module_ranks:
+        cut = compute_timestep_mask(ti, s.max_timestep, s.max_rank, s.min_rank, s.alpha)[:, :R]
+        assert shared[R] == [int(cut.sum())]
+    own = dataclasses.replace(s, per_module_rank=True)
+    per_module = sched.ranks_by_module_rank(lambda x: sched.ranks_for_timesteps([ti], x), own, module_ranks)
+    for R in module_ranks:
+        assert per_module[R] == [formula(ti, R, min(s.min_rank, R), s.alpha, s.max_timestep)]
 
 
 @settings(max_examples=200, deadline=None)

@@ -48,7 +48,9 @@ FIZGIG_SIGMAS = [0.97, 0.8335, 0.62, 0.41, 0.2, 0.04]  # 0.8335: int(833.5) and 
 
 # --- the trainers' rank rules, from their sources ---------------------------------------------------
 def anima_rank(t: float, R: int, r_min: int, a: float, T: float = 1.0) -> int:
-    """sd-scripts fork, networks/lora_tlora_anima.py ``TLoRANetwork._unet_forward_pre_hook``."""
+    """sd-scripts fork, networks/lora_tlora_anima.py ``TLoRANetwork._unet_forward_pre_hook`` with
+    networks/tlora_utils.py ``build_rank_mask``: R is the module's own rank, min_rank clamped to it."""
+    r_min = min(max(r_min, 1), R)
     r = int(((T - t) / T) ** a * (R - r_min)) + r_min
     return max(r_min, min(r, R))
 
@@ -120,10 +122,17 @@ def module_delta(t: dict, r: int) -> torch.Tensor:
 
 
 def file_deltas(model, path, prefix: str):
+    """``rank_of`` -> each module's delta with ``rank_of(R)`` ranks on, R being that module's rank (an
+    int: that many ranks on in every module)."""
     keys = weight_keys(model, prefix)
     mods = raw_modules(path)
     assert set(mods) <= set(keys), sorted(set(mods) - set(keys))[:3]
-    return lambda r: {keys[name]: module_delta(t, r) for name, t in mods.items()}
+
+    def deltas(rank_of):
+        r_of = rank_of if callable(rank_of) else (lambda R: rank_of)
+        return {keys[name]: module_delta(t, r_of(module_delta_rank(t))) for name, t in mods.items()}
+
+    return deltas
 
 
 def merged(model, deltas: dict):
@@ -170,7 +179,9 @@ def put(loras, path) -> str:
 
 
 def check_exact(env, loras, path, prefix: str, rank_at, sigmas, fmt: str):
-    """The loader's output (no schedule input) against the trainer's delta at ``rank_at(sigma)``."""
+    """The loader's output (no schedule input) against the trainer's delta, each module with
+    ``rank_at(sigma, R)`` ranks on, R its own rank (the kohya-style trainers mask each module by its
+    own rank)."""
     m, (pos, neg), latent = env["model"], env["cond"], env["latent"]
     name = put(loras, path)
     out, info = loader.TLoraLoader.execute(m, name, STRENGTH).args
@@ -186,8 +197,8 @@ def check_exact(env, loras, path, prefix: str, rank_at, sigmas, fmt: str):
     R = max(module_delta_rank(t) for t in raw_modules(path).values())
     ranks, refs, errors = [], [], []
     for sigma in sigmas:
-        r = rank_at(sigma)
-        refs.append(S.denoise_once(merged(m, delta(r)), sigma, pos, neg, latent))
+        r = rank_at(sigma, R)
+        refs.append(S.denoise_once(merged(m, delta(lambda R_m, s=sigma: rank_at(s, R_m))), sigma, pos, neg, latent))
         errors.append(S.rel_err(S.denoise_once(out, sigma, pos, neg, latent), refs[-1], base_output(env, sigma)))
         ranks.append(r)
     assert len(set(ranks)) >= 3 and min(ranks) < R, ranks
@@ -218,8 +229,8 @@ def test_anima_fork_is_exact(anima, loras, tmp_path, init):
     path = tf.write_anima(anima["model"], tmp_path / f"anima_{init}.safetensors", init=init, seed=5, **cfg)
     m = anima["model"]
 
-    def rank_at(sigma):
-        return anima_rank(dit_timestep(m, sigma), cfg["rank"], cfg["min_rank"], cfg["alpha_rank_scale"], T=1.0)
+    def rank_at(sigma, R):
+        return anima_rank(dit_timestep(m, sigma), R, cfg["min_rank"], cfg["alpha_rank_scale"], T=1.0)
 
     layout = "plain" if init == "kaiming" else "orthogonal, stored base"
     _, info, _ = check_exact(anima, loras, path, "lora_unet_", rank_at, ANIMA_SIGMAS,
@@ -227,6 +238,35 @@ def test_anima_fork_is_exact(anima, loras, tmp_path, init):
     assert "t = T * sigma (flow matching), T = 1" in info.splitlines()[2]
     assert "  max_timestep = 1  (file metadata ss_tlora_*)" in info.splitlines()
     assert "note: the fork's own inference runs every rank" in info
+
+
+def test_anima_fork_masks_each_module_by_its_own_rank(anima, loras, tmp_path, caplog):
+    """The fork's per-type dims (cross_attn_dim 4, mlp_dim 16 beside rank 8): each module's mask is
+    built from its own rank (``build_rank_mask(progress, module rank)``), not one mask of the largest
+    rank cut to each module (LyCORIS' rule); per layer and merged alike."""
+    m, (pos, neg), latent = anima["model"], anima["cond"], anima["latent"]
+    path = tf.write_anima(m, tmp_path / "anima_dims.safetensors", init="kaiming", rank=8, alpha=4.0, min_rank=2,
+                          type_dims={"cross_attn": 4, "mlp": 16}, seed=9)
+    assert {module_delta_rank(t) for t in raw_modules(path).values()} == {4, 8, 16}
+
+    def rank_at(sigma, R):
+        return anima_rank(dit_timestep(m, sigma), R, 2, 1.0, T=1.0)
+
+    _, info, _ = check_exact(anima, loras, path, "lora_unet_", rank_at, ANIMA_SIGMAS,
+                             "Anima T-LoRA (kohya fork, orangemagic123/sd-scripts) for Anima, plain (kaiming)")
+    assert "note: modules have different ranks [4, 8, 16]: each module's mask is computed from its own rank" in info
+    assert "  per_module_rank = True  (the fork's convention (t = sigma, not truncated))" in info.splitlines()
+    assert "says rank 8" not in info  # ss_network_dim is the rank of most modules, not a mismatch
+    merged_out, _ = loader.TLoraLoader.execute(m, put(loras, path), STRENGTH, apply="merge").args
+    delta = file_deltas(m, path, "lora_unet_")
+    sigma = 0.6  # t = 0.6: ranks 2 / 4 / 7 for modules of rank 4 / 8 / 16; the shared rule gives 4 / 7 / 7
+    base = base_output(anima, sigma)
+    own = S.denoise_once(merged(m, delta(lambda R: rank_at(sigma, R))), sigma, pos, neg, latent)
+    shared = S.denoise_once(merged(m, delta(lambda R: min(rank_at(sigma, 16), R))), sigma, pos, neg, latent)
+    assert S.rel_err(S.denoise_once(merged_out, sigma, pos, neg, latent), own, base) < TOL
+    assert not [r for r in caplog.records if "merge mode not possible" in r.getMessage()]
+    assert S.rel_err(shared, own, base) > 100 * TOL
+    assert S.hooks_left(m) == 0
 
 
 def test_all_ranks_is_the_forks_own_full_rank_lora(anima, loras, tmp_path):
@@ -273,9 +313,8 @@ def test_takenoko_is_exact(wan, loras, tmp_path, case):
     else:
         layout = TAKENOKO_LAYOUTS[case]
 
-    def rank_at(sigma):  # takenoko trains with t = 1000 * sigma + 1 (timestep_utils.py)
-        return takenoko_rank(1000.0 * f32(sigma) + 1.0, cfg["rank"], cfg["min_rank"], cfg["tlora_alpha"],
-                             cfg["boundary"])
+    def rank_at(sigma, R):  # takenoko trains with t = 1000 * sigma + 1 (timestep_utils.py)
+        return takenoko_rank(1000.0 * f32(sigma) + 1.0, R, cfg["min_rank"], cfg["tlora_alpha"], cfg["boundary"])
 
     _, info, ranks = check_exact(wan, loras, path, "t_lora_unet_", rank_at, TAKENOKO_SIGMAS,
                                  f"takenoko T-LoRA (Wan), {layout}")
@@ -297,7 +336,7 @@ def test_takenoko_without_config_uses_its_defaults(wan, loras, tmp_path):
 def test_fizgig_is_exact(krea2, loras, tmp_path):
     path = tf.write_fizgig(krea2["model"], tmp_path / "fizgig.safetensors", min_rank=2, rank=8, alpha=8.0, seed=8)
     m = krea2["model"]
-    check_exact(krea2, loras, path, "lora_unet_", lambda s: fizgig_rank(dit_timestep(m, s), 8, 2), FIZGIG_SIGMAS,
+    check_exact(krea2, loras, path, "lora_unet_", lambda s, R: fizgig_rank(dit_timestep(m, s), R, 2), FIZGIG_SIGMAS,
                 "Fizgig T-LoRA (krea2)")
 
 

@@ -9,6 +9,11 @@ the official code, the kohya forks)::
 with t the trainer's timestep (plus its offset, truncated to an integer where the trainer does)
 and b the boundary below which every rank is on (0 for all but takenoko's boundary schedule).
 
+A file whose modules have different ranks follows one of two rules, by trainer: LyCORIS builds one
+mask of length R (the largest rank) and each module uses its first ranks, ``min(r, R_m)``; the
+kohya-style trainers (sd-scripts forks, takenoko, Fizgig) build each module's mask from its own
+rank, ``r(t)`` with ``R = R_m`` (``per_module_rank``; ``for_module_rank``).
+
 Everything here is plain Python/torch so the schedule can be computed, tested and charted
 without ComfyUI. Rank arithmetic is done in float64 (Python floats), like the trainers, so that
 boundary cases (e.g. ``0.75 * 64 == 48``) land on the same integer.
@@ -19,7 +24,7 @@ from __future__ import annotations
 import bisect
 import math
 from dataclasses import dataclass, field, replace
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -41,6 +46,7 @@ class Schedule:
     truncate_timestep: bool = True
     timestep_offset: float = 0.0  # added to t first (takenoko trains with t = 1000 * sigma + 1)
     boundary_timestep: float = 0.0  # b: ranks are reduced only for t > b (takenoko: 875)
+    per_module_rank: bool = False  # each module's mask from its own rank (kohya-style), not min(r, R_m)
     sources: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self):
@@ -73,8 +79,17 @@ class Schedule:
     def fields(self) -> list[tuple[str, object, str]]:
         """(name, value, where it came from) of each setting, for the user."""
         names = ["max_rank", "min_rank", "alpha", "mode", "max_timestep", "truncate_timestep"]
-        names += [n for n in ("timestep_offset", "boundary_timestep") if getattr(self, n) or n in self.sources]
+        names += [n for n in ("timestep_offset", "boundary_timestep", "per_module_rank")
+                  if getattr(self, n) or n in self.sources]
         return [(n, _shown(getattr(self, n)), self.sources.get(n, "default")) for n in names]
+
+
+    def for_module_rank(self, module_rank: int) -> "Schedule":
+        """The schedule a module of rank ``module_rank`` follows under ``per_module_rank``: R is the
+        module's own rank (min_rank capped at it, as the kohya-style trainers clamp it)."""
+        if not self.per_module_rank or module_rank == self.max_rank:
+            return self
+        return replace(self, max_rank=module_rank, min_rank=min(self.min_rank, module_rank))
 
 
 def _shown(value):
@@ -135,6 +150,16 @@ def ranks_for_timesteps(timesteps: Iterable[float], schedule: Schedule) -> list[
 def ranks_for_sigmas_by_step(sigmas: Iterable[float], sample_sigmas: Sequence[float], schedule: Schedule) -> list[int]:
     n = len(sample_sigmas) - 1
     return [rank_at_step(step_index(float(s), sample_sigmas), n, schedule) for s in sigmas]
+
+
+def ranks_by_module_rank(ranks: Callable[[Schedule], list[int]], schedule: Schedule,
+                         module_ranks: Iterable[int]) -> dict[int, list[int]]:
+    """Module rank R_m -> the active rank per batch element of modules of that rank; ``ranks(s)``
+    evaluates schedule ``s`` at the call's noise levels."""
+    shared = ranks(schedule)
+    if not schedule.per_module_rank:
+        return {R: [min(r, R) for r in shared] for R in module_ranks}
+    return {R: shared if R == schedule.max_rank else ranks(schedule.for_module_rank(R)) for R in module_ranks}
 
 
 TABLE_FRACTIONS = (0.0, 0.25, 0.5, 0.75, 0.999)

@@ -60,7 +60,7 @@ def read(path: str, tensors: dict, metadata: dict, assume_tlora: bool = False) -
         fmt += f" ({metadata['ss_tlora_init']})"
     if module == "networks.lora_tlora":  # SD/SDXL: the scheduler's integer timestep, T = 1000
         return finish(path, fmt, mods.adapters, found, notes, mods.lookup, metadata, "the fork's SD convention",
-                      unsupported=mods.conv, mode=TIMESTEP, truncate_timestep=True)
+                      unsupported=mods.conv, per_module_rank=True, mode=TIMESTEP, truncate_timestep=True)
     return finish(path, fmt, mods.adapters, found, notes, mods.lookup, metadata,
-                  "the fork's convention (t = sigma, not truncated)", unsupported=mods.conv, mode=TIMESTEP,
-                  truncate_timestep=False)
+                  "the fork's convention (t = sigma, not truncated)", unsupported=mods.conv, per_module_rank=True,
+                  mode=TIMESTEP, truncate_timestep=False)

@@ -37,5 +37,5 @@ def read(path: str, tensors: dict, metadata: dict, assume_tlora: bool = False) -
     fmt = NAME + (f" ({arch})" if arch else "")
     fixed = {} if "ss_tlora_alpha_rank_scale" in metadata else {"alpha": 1.0}
     return finish(path, fmt, mods.adapters, found, notes, mods.lookup, metadata,
-                  "Fizgig's rule (linear, integer timestep)", unsupported=mods.conv, mode=TIMESTEP,
-                  truncate_timestep=True, **fixed)
+                  "Fizgig's rule (linear, integer timestep)", unsupported=mods.conv, per_module_rank=True,
+                  mode=TIMESTEP, truncate_timestep=True, **fixed)

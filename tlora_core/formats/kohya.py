@@ -59,7 +59,7 @@ def read(path: str, tensors: dict, metadata: dict, assume_tlora: bool = False) -
     if not mods.adapters:
         raise TLoRAFormatError(path, "no usable diffusion-model module")
     return finish(path, NAME, mods.adapters, found, notes, mods.lookup, metadata, "kohya convention (integer timestep)",
-                  unsupported=mods.conv, mode=TIMESTEP, truncate_timestep=True)
+                  unsupported=mods.conv, per_module_rank=True, mode=TIMESTEP, truncate_timestep=True)
 
 
 def _exported_tlora(tensors: dict, metadata: dict) -> str:

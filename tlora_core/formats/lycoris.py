@@ -177,11 +177,6 @@ def read(path: str, tensors: dict, metadata: dict, assume_tlora: bool = False) -
     if embedded and embedded != len(modules):
         notes.append(f"{embedded} of {len(modules)} modules carry their base terms; the others are rebuilt by SVD")
 
-    ranks = {m.rank for m in modules.values()}
-    R = max(ranks)
-    if len(ranks) > 1:
-        notes.append(f"modules have different ranks {sorted(ranks)}: the mask has length {R}, each module uses "
-                     "its first ranks (as lycoris does)")
     fmt = NAME + (" with stored base terms" if embedded == len(modules) else "")
     return finish(path, fmt, modules, found, notes, lookup, metadata, "LyCORIS convention (integer timestep)",
                   unsupported=skipped_conv, mode=TIMESTEP, truncate_timestep=True)

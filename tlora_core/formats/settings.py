@@ -68,8 +68,9 @@ def first_number(settings: dict, *names, kind=float):
     return None
 
 
-def finish_schedule(rank: int, found: list, notes: list) -> Schedule:
-    """A Schedule from (source label, {field: value}) pairs, later ones winning; R from the tensors.
+def finish_schedule(rank: int, found: list, notes: list, module_ranks: tuple = ()) -> Schedule:
+    """A Schedule from (source label, {field: value}) pairs, later ones winning; R from the tensors
+    (the largest of ``module_ranks``, the modules' own ranks, where they differ).
 
     min_rank above R (a config for a different rank) is clamped, with a note.
     """
@@ -77,7 +78,7 @@ def finish_schedule(rank: int, found: list, notes: list) -> Schedule:
     for source, values in found:
         values = {k: v for k, v in values.items() if v is not None}
         if "max_rank" in values:
-            if values["max_rank"] != rank:
+            if values["max_rank"] != rank and values["max_rank"] not in module_ranks:
                 notes.append(f"{source} says rank {values['max_rank']}, the tensors have rank {rank}: "
                              "the tensors' rank is used")
             values.pop("max_rank")

@@ -76,5 +76,5 @@ def read(path: str, tensors: dict, metadata: dict, assume_tlora: bool = False) -
     layout = "orthogonal, stored base" if mods.ortho == len(mods.adapters) else (
         "plain" if not mods.ortho else f"{mods.ortho} orthogonal and {len(mods.adapters) - mods.ortho} plain modules")
     return finish(path, f"{NAME}, {layout}", mods.adapters, found, notes, mods.lookup, metadata,
-                  "takenoko's timesteps (t = 1000 * sigma + 1)", unsupported=mods.conv, mode=TIMESTEP,
-                  max_timestep=1000, timestep_offset=1.0, truncate_timestep=False)
+                  "takenoko's timesteps (t = 1000 * sigma + 1)", unsupported=mods.conv, per_module_rank=True,
+                  mode=TIMESTEP, max_timestep=1000, timestep_offset=1.0, truncate_timestep=False)

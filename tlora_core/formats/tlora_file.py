@@ -31,12 +31,19 @@ class TLoRAFile:
 
 
 def finish(path: str, fmt: str, modules: dict, found: list, notes: list, lookup: dict, metadata: dict,
-           convention: str, unsupported: tuple = (), **fixed) -> TLoRAFile:
+           convention: str, unsupported: tuple = (), per_module_rank: bool = False, **fixed) -> TLoRAFile:
     """The end of every read: R from the tensors, the schedule from the settings ``found`` (see
     ``settings.finish_schedule``), then the trainer's own convention (``fixed`` values, attributed
-    to ``convention``)."""
-    rank = max(m.rank for m in modules.values())
-    schedule = finish_schedule(rank, found, notes).with_overrides(convention, **fixed)
+    to ``convention``). ``per_module_rank``: the trainer builds each module's mask from its own
+    rank (the kohya-style trainers), which matters where the modules' ranks differ."""
+    ranks = sorted({m.rank for m in modules.values()})
+    rank = ranks[-1]
+    if len(ranks) > 1:
+        fixed["per_module_rank"] = per_module_rank
+        notes.append(f"modules have different ranks {ranks}: " + (
+            "each module's mask is computed from its own rank, as the trainer does" if per_module_rank else
+            f"the mask has length {rank}, each module uses its first ranks (as lycoris does)"))
+    schedule = finish_schedule(rank, found, notes, tuple(ranks)).with_overrides(convention, **fixed)
     return TLoRAFile(path, fmt, rank, modules, schedule, notes, lookup, dict(metadata), list(unsupported))
 
 
