@@ -8,6 +8,7 @@ from the model's own weights (``base_terms``). Nothing on the model is modified 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Optional
@@ -58,7 +59,7 @@ def bind_tlora(model_patcher, tfile: TLoRAFile, cache_dir=None, progress: bool =
                                            f"model (e.g. {', '.join(sorted(unmatched)[:4])})."
                                            + (said or " Was it trained for another model family?"))
     jobs, skipped = _validate(model_patcher, tfile, placed, family)
-    missing = sorted(unmatched) + skipped + [f"{n} (a convolution)" for n in tfile.unsupported]
+    missing = sorted(unmatched) + skipped + [f"{n} (a convolution of a layout this pack does not apply)" for n in tfile.unsupported]
     if missing and not allow_partial:
         total = len(tfile.modules) + len(tfile.unsupported)
         raise TLoRAFormatError(tfile.path, f"only {len(jobs)} of the file's {total} diffusion-model modules fit this "
@@ -117,10 +118,10 @@ def _validate(model_patcher, tfile: TLoRAFile, placed, family: str):
             skipped.append(f"{name} -> {tgt.key}")
             continue
         weight, _ = raw_weight(model_patcher, tgt.key)
-        if weight.ndim != 2:
-            skipped.append(f"{name} (a {weight.ndim}-D layer: linear layers only)")
+        if not (weight.ndim == 2 or (weight.ndim == 4 and isinstance(mod, LowRankAdapter) and tgt.piece is None)):
+            skipped.append(f"{name} (a {weight.ndim}-D layer: linear and 2-D convolution layers only)")
             continue
-        out_f, in_f = weight.shape
+        out_f, in_f = weight.shape[0], math.prod(weight.shape[1:])  # a conv's weight as (out, in * kh * kw)
         if tgt.piece is not None:
             dim, _off, size = tgt.piece
             if dim != 0:

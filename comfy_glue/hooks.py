@@ -9,6 +9,7 @@ decided by ``LayerHooks.state``, set by the sampling call in progress (``patcher
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Callable, Optional
 
@@ -70,7 +71,8 @@ class LayerHooks:
         try:
             for path, entries in modules.items():
                 module = diffusion_model.get_submodule(path)
-                self._handles.append(module.register_forward_hook(self._hook(entries), with_kwargs=True))
+                hook = self._hook(entries, conv_geometry(module, path))
+                self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
         except BaseException:
             self.remove()
             raise
@@ -80,7 +82,9 @@ class LayerHooks:
             h.remove()
         self._handles = []
 
-    def _hook(self, entries):
+    def _hook(self, entries, conv: Optional[dict]):
+        add = self._add if conv is None else functools.partial(self._add_conv, conv=conv)
+
         def hook(module, args, kwargs, output):
             state = self.state
             if state is None:
@@ -92,12 +96,12 @@ class LayerHooks:
             x = args[0] if args else kwargs["input"]
             threads = self._threads if x.device.type == "cpu" else None
             if threads is None:
-                self._add(entries, state, x, output)
+                add(entries, state, x, output)
                 return None
             saved = torch.get_num_threads()
             torch.set_num_threads(threads)
             try:
-                self._add(entries, state, x, output)
+                add(entries, state, x, output)
             finally:
                 torch.set_num_threads(saved)
             return None
@@ -122,3 +126,28 @@ class LayerHooks:
             else:
                 mask = state.mask(ad.rank, ad.group, x.device, x.dtype)
                 rt.add_lowrank_per_sample_(output, x, p.down, p.up, mask, strength, e.out_slice)
+
+    def _add_conv(self, entries, state: CallState, x: torch.Tensor, output: torch.Tensor, conv: dict) -> None:
+        prepared = self._adapters_for(x.device, x.dtype)
+        active = state.uniform
+        for e in entries:
+            p, ad = prepared[e.index], e.adapter
+            if active is not None:
+                rt.add_lowrank_conv_(output, x, p.down, p.up, active[ad.rank] * ad.group, self._strength, conv)
+            else:
+                mask = state.mask(ad.rank, ad.group, x.device, x.dtype)
+                rt.add_lowrank_conv_(output, x, p.down, p.up, mask.shape[1], self._strength, conv, mask)
+
+
+def conv_geometry(module, path: str) -> Optional[dict]:
+    """A 2-D convolution's kernel size, stride, padding and dilation (what its adapter's down
+    convolution takes, as the trainers build it); None for a linear layer."""
+    if isinstance(module, torch.nn.Conv2d):
+        if module.groups != 1:
+            raise ValueError(f"T-LoRA: layer {path} is a grouped convolution: not supported")
+        return {"kernel_size": module.kernel_size, "stride": module.stride, "padding": module.padding,
+                "dilation": module.dilation}
+    weight = getattr(module, "weight", None)
+    if weight is not None and weight.ndim != 2:
+        raise ValueError(f"T-LoRA: layer {path} ({type(module).__name__}) is neither linear nor a 2-D convolution")
+    return None

@@ -95,6 +95,8 @@ class MergedRun:
                 self.why = f"{path}: {why}"
                 return False
             owners.append(id(w))
+            if w.ndim == 4:  # a convolution: its adapters act on the weight as (out, in * kh * kw)
+                w = w.view(w.shape[0], -1)
             spans = sorted(e.out_slice or (0, w.shape[0]) for e in entries)
             if all(a[0] + a[1] <= b[0] for a, b in zip(spans, spans[1:])):  # disjoint: a copy of each slice
                 slots += [_Slot(w if e.out_slice is None else w.narrow(0, *e.out_slice), [(e, None)]) for e in entries]
@@ -149,6 +151,8 @@ def _unmergeable(module, w, device, key: str) -> str:
         return f"its weight is a {type(w).__name__}"
     if w.dtype not in COMPUTE_DTYPES:
         return f"{w.dtype} weights"
+    if w.ndim != 2 and not w.is_contiguous():
+        return "its convolution weight is not contiguous"
     if w.device != device:
         return f"its weight is on {w.device}, not {device}"
     if getattr(module, "comfy_cast_weights", False):

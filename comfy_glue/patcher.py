@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import math
 import threading
 import uuid
 from dataclasses import dataclass
@@ -333,10 +334,12 @@ def _validate(diffusion_model, targets: list[BoundAdapter]) -> None:
             continue
         in_f, out_f = getattr(module, "in_features", None), getattr(module, "out_features", None)
         weight = getattr(module, "weight", None)
-        if in_f is None and isinstance(weight, torch.Tensor) and weight.ndim == 2:
+        if isinstance(module, torch.nn.Conv2d) and module.groups == 1:  # its weight as (out, in * kh * kw)
+            out_f, in_f = module.out_channels, module.in_channels * math.prod(module.kernel_size)
+        elif in_f is None and isinstance(weight, torch.Tensor) and weight.ndim == 2:
             out_f, in_f = weight.shape
         if in_f is None:
-            problems.append(f"{t.module}: {type(module).__name__} is not a linear layer")
+            problems.append(f"{t.module}: {type(module).__name__} is neither a linear layer nor a 2-D convolution")
             continue
         off, size = t.out_slice if t.out_slice is not None else (0, out_f)
         ad = t.adapter

@@ -632,6 +632,74 @@ def write_anima(model_patcher, path, init: str = "kaiming", rank: int = 8, alpha
     return path
 
 
+# sd-scripts' SD/SDXL UNet classes the fork's lora_tlora.py targets, by ComfyUI's class names (same paths)
+SD_FORK_TARGETS = {"SpatialTransformer": "Transformer2DModel", "ResBlock": "ResnetBlock2D",
+                   "Downsample": "Downsample2D", "Upsample": "Upsample2D"}
+
+
+def sd_fork_modules(root: torch.nn.Module, conv_dim: Optional[int]) -> dict:
+    """lora name -> layer, as the fork's ``TLoRANetwork.create_modules`` finds them: the Linears and
+    1x1 convs of Transformer2DModel, and with ``conv_dim`` the Linears and convs of ResnetBlock2D /
+    Downsample2D / Upsample2D too (their 3x3 convs take ``conv_dim``)."""
+    out = {}
+    for name, module in root.named_modules():
+        cls = SD_FORK_TARGETS.get(type(module).__name__)
+        if cls is None or (cls != "Transformer2DModel" and conv_dim is None):
+            continue
+        for child_name, child in module.named_modules():
+            if type(child).__name__ in ("Linear", "Conv2d"):
+                out[f"lora_unet.{name}.{child_name}".replace(".", "_")] = child
+    return out
+
+
+def write_sd_fork(model_patcher, path, init: str = "kaiming", rank: int = 8, alpha: float = 4.0, *,
+                  conv_dim: Optional[int] = None, conv_alpha: Optional[float] = None, min_rank: int = 1,
+                  alpha_rank_scale: float = 1.0, dtype=torch.bfloat16, seed: int = 0) -> Path:
+    """A T-LoRA as the fork's SD/SDXL network (orangemagic123/sd-scripts ``networks/lora_tlora.py``)
+    saves it: ``lora_unet_<path>`` (SGM paths, ComfyUI's own); Linears and 1x1 convs at ``rank``, the
+    3x3 convs of the ResNet / down / up blocks at ``conv_dim`` (``conv_alpha``). ``init`` "kaiming":
+    ``lora_down`` (a conv with the layer's kernel on convs) / ``lora_up`` (1x1 on convs) / ``alpha``;
+    "orthogonal": ``OrthogonalTLoRAModule``'s q_layer / p_layer / lambda_layer with the frozen base_q /
+    base_p / base_lambda_buf, ``q_layer`` flattened to (R, in * kh * kw) on convs. Every tensor cast to
+    ``dtype``; ``ss_tlora_*`` metadata (T = 1000: the scheduler's timestep)."""
+    if init not in ("kaiming", "orthogonal"):
+        raise ValueError(f"tlora_init {init!r}")
+    path = Path(path)
+    gen = torch.Generator().manual_seed(seed)
+    sd = {}
+    with torch.no_grad():
+        for name, layer in sorted(sd_fork_modules(_dit(model_patcher), conv_dim).items()):
+            w = layer.weight
+            o, i, kernel = w.shape[0], w.shape[1], tuple(w.shape[2:])
+            is_3x3 = w.ndim == 4 and kernel != (1, 1)
+            r, a = (conv_dim, conv_alpha if conv_alpha is not None else 1.0) if is_3x3 else (rank, alpha)
+            flat = i * math.prod(kernel)
+            if init == "kaiming":
+                down, up = _trained_plain(_kaiming_down(r, flat, gen), o, gen)
+                if w.ndim == 4:
+                    down, up = down.reshape(r, i, *kernel), up.reshape(o, r, 1, 1)
+                sd.update({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up})
+            else:
+                q0, p0, lam0 = _anima_orthogonal_init(flat, o, r, "last", gen)
+                q, p, lam = _trained_ortho(q0, p0, lam0, gen)
+                sd.update({f"{name}.q_layer.weight": q, f"{name}.p_layer.weight": p, f"{name}.lambda_layer": lam,
+                           f"{name}.base_q.weight": q0, f"{name}.base_p.weight": p0, f"{name}.base_lambda_buf": lam0})
+            sd[f"{name}.alpha"] = torch.tensor(float(a))
+    if dtype is not None:
+        sd = {k: v.detach().clone().contiguous().to(dtype) for k, v in sd.items()}
+    net_args = {"tlora_min_rank": str(min_rank), "tlora_alpha_rank_scale": str(alpha_rank_scale), "tlora_init": init}
+    if conv_dim is not None:
+        net_args.update({"conv_dim": str(conv_dim), "conv_alpha": str(conv_alpha)})
+    metadata = {
+        "ss_network_module": "networks.lora_tlora", "ss_network_dim": str(rank), "ss_network_alpha": str(alpha),
+        "ss_network_args": json.dumps(net_args), "ss_base_model_version": "sdxl_base_v1-0",
+        "ss_tlora_min_rank": str(int(min_rank)), "ss_tlora_alpha_rank_scale": str(float(alpha_rank_scale)),
+        "ss_tlora_max_timestep": "1000", "ss_tlora_init": init, "ss_tlora_sig_type": "last",
+    }
+    _save_hashed(sd, path, metadata)
+    return path
+
+
 def anima_comfy_sibling_path(path) -> Path:
     path = Path(path)
     return path.with_name(f"{path.stem}_comfy{path.suffix}")

@@ -504,7 +504,7 @@ def test_anima_fork_file(tmp_path, init):
     assert type(s.max_timestep) is float and s.max_timestep == 1.0  # "1.0": the DiT's t = sigma in [0, 1]
     assert (s.max_rank, s.min_rank, s.alpha, s.truncate_timestep, s.mode) == (4, 1, 2.0, False, "timestep")
     assert s.sources["max_timestep"] == "file metadata ss_tlora_*"
-    assert f.format.startswith("Anima T-LoRA (kohya fork") and f.format.endswith(f"({init})")
+    assert f.format.startswith("T-LoRA kohya fork (orangemagic123/sd-scripts) for Anima") and f.format.endswith(f"({init})")
     assert any("'all ranks'" in n for n in f.notes)
     _check_deltas(f, groups)
     if init == "layer_orthogonal":  # the stored base is the layer's SVD ("last" window), used as stored

@@ -69,6 +69,32 @@ def test_per_sample_masks():
         rt.add_lowrank_per_sample_(torch.zeros(4, 5, 12), x[:4], ad.down, ad.up, mask, 1.0)
 
 
+@pytest.mark.parametrize("geometry", [dict(kernel_size=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1)),
+                                      dict(kernel_size=(3, 3), stride=(2, 2), padding=(1, 1), dilation=(1, 1)),
+                                      dict(kernel_size=(1, 1), stride=(1, 1), padding=(0, 0), dilation=(1, 1))])
+def test_conv_adapter_is_a_conv_by_the_flattened_delta(geometry):
+    """On a convolution: the adapter added at the output equals the conv of the input by the weight
+    delta reshaped to (out, in, kh, kw), with the layer's stride and padding; per sample too."""
+    import torch.nn.functional as F
+
+    kh, kw = geometry["kernel_size"]
+    ad = _ortho(out_f=12, in_f=6 * kh * kw, R=4, seed=5)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(3, 6, 9, 9, generator=g)
+    conv = lambda w: F.conv2d(x, w, None, geometry["stride"], geometry["padding"], geometry["dilation"])
+    out0 = torch.randn(conv(torch.zeros(12, 6, kh, kw)).shape, generator=g)
+    for r in (0, 1, 3, 4):
+        got = rt.add_lowrank_conv_(out0.clone(), x, ad.down, ad.up, r * ad.group, 0.6, geometry)
+        want = out0 + 0.6 * conv(ad.delta_weight(r).reshape(12, 6, kh, kw))
+        assert torch.allclose(got, want, atol=1e-5), r
+    ranks = [1, 4, 2]
+    mask = rt.prefix_mask(ranks, ad.group)
+    got = rt.add_lowrank_conv_(out0.clone(), x, ad.down, ad.up, mask.shape[1], 0.6, geometry, mask)
+    for i, r in enumerate(ranks):
+        want = out0[i] + 0.6 * conv(ad.delta_weight(r).reshape(12, 6, kh, kw))[i]
+        assert torch.allclose(got[i], want, atol=1e-5), i
+
+
 def test_merged_weight_follows_a_rank_sequence():
     """``merge_prefix_`` over a run's rank sequence (growing, repeated, shrinking, off, back on):
     at each step the weight is base + strength * delta_weight(r) (float64 reference), and the

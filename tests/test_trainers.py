@@ -97,17 +97,20 @@ def raw_modules(path) -> dict:
 
 
 def weight_keys(model, prefix: str) -> dict:
-    """``<prefix><native path with _>`` -> ComfyUI weight key, from the model's own state dict."""
-    return {prefix + k[len("diffusion_model."):-len(".weight")].replace(".", "_"): k
+    """``<prefix><native path with _>`` -> (ComfyUI weight key, its shape), from the model's own state
+    dict: linear and 2-D convolution weights."""
+    return {prefix + k[len("diffusion_model."):-len(".weight")].replace(".", "_"): (k, v.shape)
             for k, v in model.model.state_dict().items()
-            if k.startswith("diffusion_model.") and k.endswith(".weight") and v.ndim == 2}
+            if k.startswith("diffusion_model.") and k.endswith(".weight") and v.ndim in (2, 4)}
 
 
 def module_delta(t: dict, r: int) -> torch.Tensor:
     """The trainer's forward as a weight delta with the first r ranks on, scale alpha / R:
     plain ``up diag(m) down``, orthogonal ``P diag(lambda m) Q - P0 diag(lambda0 m) Q0`` (a module with
-    q_layer is orthogonal, its lora_down / lora_up unused: takenoko saves them anyway)."""
-    d = {k: v.double() for k, v in t.items()}
+    q_layer is orthogonal, its lora_down / lora_up unused: takenoko saves them anyway). On a conv, a
+    down conv then a 1x1 up conv compose to ``up diag(m) down`` on the kernels flattened to
+    (in * kh * kw): the delta is that, reshaped to the layer's weight by the caller."""
+    d = {k: v.double().flatten(1) if v.ndim == 4 else v.double() for k, v in t.items()}
     if "q_layer.weight" in d:
         q, p, lam = d["q_layer.weight"], d["p_layer.weight"], d["lambda_layer"].reshape(-1)
         q0, p0 = d["base_q.weight"], d["base_p.weight"]
@@ -130,7 +133,8 @@ def file_deltas(model, path, prefix: str):
 
     def deltas(rank_of):
         r_of = rank_of if callable(rank_of) else (lambda R: rank_of)
-        return {keys[name]: module_delta(t, r_of(module_delta_rank(t))) for name, t in mods.items()}
+        return {keys[name][0]: module_delta(t, r_of(module_delta_rank(t))).reshape(keys[name][1])
+                for name, t in mods.items()}
 
     return deltas
 
@@ -234,7 +238,7 @@ def test_anima_fork_is_exact(anima, loras, tmp_path, init):
 
     layout = "plain" if init == "kaiming" else "orthogonal, stored base"
     _, info, _ = check_exact(anima, loras, path, "lora_unet_", rank_at, ANIMA_SIGMAS,
-                             f"Anima T-LoRA (kohya fork, orangemagic123/sd-scripts) for Anima, {layout} ({init})")
+                             f"T-LoRA kohya fork (orangemagic123/sd-scripts) for Anima, {layout} ({init})")
     assert "t = T * sigma (flow matching), T = 1" in info.splitlines()[2]
     assert "  max_timestep = 1  (file metadata ss_tlora_*)" in info.splitlines()
     assert "note: the fork's own inference runs every rank" in info
@@ -253,7 +257,7 @@ def test_anima_fork_masks_each_module_by_its_own_rank(anima, loras, tmp_path, ca
         return anima_rank(dit_timestep(m, sigma), R, 2, 1.0, T=1.0)
 
     _, info, _ = check_exact(anima, loras, path, "lora_unet_", rank_at, ANIMA_SIGMAS,
-                             "Anima T-LoRA (kohya fork, orangemagic123/sd-scripts) for Anima, plain (kaiming)")
+                             "T-LoRA kohya fork (orangemagic123/sd-scripts) for Anima, plain (kaiming)")
     assert "note: modules have different ranks [4, 8, 16]: each module's mask is computed from its own rank" in info
     assert "  per_module_rank = True  (the fork's convention (t = sigma, not truncated))" in info.splitlines()
     assert "says rank 8" not in info  # ss_network_dim is the rank of most modules, not a mismatch
@@ -287,6 +291,75 @@ def test_all_ranks_is_the_forks_own_full_rank_lora(anima, loras, tmp_path):
         assert S.rel_err(got, S.denoise_once(full, sigma, pos, neg, latent), base) < TOL
         assert S.rel_err(got, S.denoise_once(sibling, sigma, pos, neg, latent), base) < TOL
     assert "  min_rank = 8  (T-LoRA Loader mask: all ranks)" in info.splitlines()
+
+
+# --- the fork's SD / SDXL network (networks/lora_tlora.py), with its convolutions --------------------
+SD_TIMESTEPS = [999.0, 800.0, 600.0, 400.0, 200.0, 20.0]
+
+
+@pytest.fixture(scope="module")
+def sdxl(comfy):
+    from devkit.tiny_models import sdxl_conditioning, tiny_sdxl
+
+    m = tiny_sdxl(seed=5)
+    sigmas = [float(m.model.model_sampling.sigma(torch.tensor(t))) for t in SD_TIMESTEPS]
+    return dict(model=m, cond=sdxl_conditioning(), latent=torch.zeros(1, 4, 8, 8), family="Stable Diffusion UNet (SD 1.x / 2.x / SDXL) (SDXL)",
+                sigmas=sigmas)
+
+
+def sd_fork_rank(model, sigma: float, R: int, r_min: int, a: float) -> int:
+    """The fork's rule on the UNet's integer timestep (``_unet_forward_pre_hook``), T = 1000."""
+    t = float(model.get_model_object("model_sampling").timestep(torch.tensor([f32(sigma)]))[0])
+    return anima_rank(float(int(t)), R, r_min, a, T=1000.0)
+
+
+@pytest.mark.parametrize("init", ["kaiming", "orthogonal"])
+def test_sd_fork_with_convolutions_is_exact(sdxl, loras, tmp_path, init, caplog):
+    """conv_dim: the ResNet / down / up blocks' 3x3 convs at rank 4 (their lora_down a conv with the
+    layer's kernel and stride, lora_up 1x1; orthogonal: q_layer flattened), Linears and 1x1 convs at
+    rank 8, each masked by its own rank; per layer and merged."""
+    m, (pos, neg), latent = sdxl["model"], sdxl["cond"], sdxl["latent"]
+    path = tf.write_sd_fork(m, tmp_path / f"sd_{init}.safetensors", init=init, rank=8, alpha=4.0, conv_dim=4,
+                            conv_alpha=2.0, min_rank=1, alpha_rank_scale=1.5, seed=10)
+    raw = raw_modules(path)
+    convs = [n for n, t in raw.items() if n.endswith(("in_layers_2", "out_layers_3", "_op", "_conv"))]
+    assert len(convs) >= 10 and {module_delta_rank(raw[n]) for n in convs} == {4}
+
+    def rank_at(sigma, R):
+        return sd_fork_rank(m, sigma, R, 1, 1.5)
+
+    layout = "plain" if init == "kaiming" else "orthogonal, stored base"
+    _, info, _ = check_exact(sdxl, loras, path, "lora_unet_", rank_at, sdxl["sigmas"],
+                             f"T-LoRA kohya fork (orangemagic123/sd-scripts) for SD / SDXL, {layout} ({init})")
+    assert "each module's mask is computed from its own rank" in info and "convolution" not in info
+    merged_out, _ = loader.TLoraLoader.execute(m, put(loras, path), STRENGTH, apply="merge").args
+    delta = file_deltas(m, path, "lora_unet_")
+    for sigma in sdxl["sigmas"][1:3]:
+        ref = S.denoise_once(merged(m, delta(lambda R, s=sigma: rank_at(s, R))), sigma, pos, neg, latent)
+        got = S.denoise_once(merged_out, sigma, pos, neg, latent)
+        assert S.rel_err(got, ref, base_output(sdxl, sigma)) < TOL
+    assert not [r for r in caplog.records if "merge mode not possible" in r.getMessage()]
+    assert S.hooks_left(m) == 0
+
+
+def test_sd_fork_convolutions_match_comfyuis_own_conv_lora(sdxl, loras, tmp_path):
+    """The same plain file, each module's inactive ranks zeroed in lora_up, loaded by ComfyUI's own
+    LoRA loader (its conv LoRA maths): the T-LoRA equals it at that noise level."""
+    m, (pos, neg), latent = sdxl["model"], sdxl["cond"], sdxl["latent"]
+    path = tf.write_sd_fork(m, tmp_path / "sd_comfy.safetensors", rank=8, alpha=4.0, conv_dim=4, conv_alpha=2.0,
+                            min_rank=1, alpha_rank_scale=1.0, dtype=torch.float32, seed=11)
+    out, _ = loader.TLoraLoader.execute(m, put(loras, path), STRENGTH).args
+    from safetensors.torch import load_file
+
+    sigma = sdxl["sigmas"][2]
+    lora = load_file(str(path))
+    for key, up in list(lora.items()):
+        if key.endswith(".lora_up.weight"):
+            up = up.clone()
+            up[:, sd_fork_rank(m, sigma, up.shape[1], 1, 1.0):] = 0
+            lora[key] = up
+    ref = S.denoise_once(S.comfy_merge(m, lora, STRENGTH), sigma, pos, neg, latent)
+    assert S.rel_err(S.denoise_once(out, sigma, pos, neg, latent), ref, base_output(sdxl, sigma)) < TOL
 
 
 # --- takenoko ---------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 
 
 def _target_2d(out: torch.Tensor, out_slice: Optional[tuple[int, int]]) -> Optional[torch.Tensor]:
@@ -75,6 +76,30 @@ def add_lowrank_per_sample_(out: torch.Tensor, x: torch.Tensor, down: torch.Tens
     delta = torch.matmul(h, up[:, :kmax].t()).reshape(*out.shape[:-1], -1).to(out.dtype)
     target = out if out_slice is None else out.narrow(-1, out_slice[0], out_slice[1])
     target.add_(delta, alpha=strength)
+    return out
+
+
+def add_lowrank_conv_(out: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, k: int,
+                      strength: float, conv: dict, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """A 2-D convolution's adapter at its output, in place: ``out += strength * up[:, :k] conv(x, D[:k])``.
+
+    ``down`` holds the flattened kernels (K, in * kh * kw) of a convolution with the layer's own
+    geometry (``conv``: ``kernel_size``, ``stride``, ``padding``, ``dilation``), zero-padded as the
+    trainers' ``lora_down`` convs are; ``up`` (out, K) is a 1x1 convolution. ``mask`` (B, k) switches
+    columns per batch element (``k`` = its width), as in ``add_lowrank_per_sample_``.
+    """
+    if k <= 0:
+        return out
+    kernels = down[:k].reshape(k, x.shape[1], *conv["kernel_size"])
+    h = F.conv2d(x, kernels, None, conv["stride"], conv["padding"], conv["dilation"])
+    if mask is not None:
+        if h.shape[0] % mask.shape[0]:
+            raise RuntimeError(f"T-LoRA: a layer's batch ({h.shape[0]}) is not a multiple of the call's batch "
+                               f"({mask.shape[0]}); cannot place per-sample rank masks")
+        rep = h.shape[0] // mask.shape[0]
+        h.mul_((mask.repeat_interleave(rep, dim=0) if rep > 1 else mask)[:, :, None, None])
+    delta = F.conv2d(h, up[:, :k, None, None])
+    out.add_(delta if delta.dtype == out.dtype else delta.to(out.dtype), alpha=strength)
     return out
 
 

@@ -29,7 +29,7 @@ from .kohya import settings
 from .kohya_modules import read_modules
 from .tlora_file import TLoRAFile, finish, note_skipped
 
-NAME = "Anima T-LoRA (kohya fork, orangemagic123/sd-scripts)"
+NAME = "T-LoRA kohya fork (orangemagic123/sd-scripts)"
 MODULES = {"networks.lora_tlora_anima": "Anima", "networks.lora_tlora": "SD / SDXL"}
 ALL_RANKS_AT_INFERENCE = ("the fork's own inference runs every rank (its mask is a training-time regularisation "
                           "there); masked here, as its in-training samples and the paper do: set the Loader's "

@@ -7,6 +7,12 @@ delta W for mask m, scale = alpha / R (R: the module's rank):
     plain: scale * up diag(m) down
     ortho: scale * (P diag(lambda m) Q - P0 diag(lambda0 m) Q0)
 A module carrying both layouts is ortho (takenoko saves its unused ``lora_down``/``lora_up`` too).
+
+On a convolution (sd-scripts' ``conv_dim``) ``lora_down`` is a conv with the layer's kernel, stride and
+padding and ``lora_up`` a 1x1 conv; the sd-scripts forks' orthogonal modules store ``q_layer`` already
+flattened to (R, in * kh * kw). Both are the same low-rank pair on the weight flattened to
+(out, in * kh * kw), which is how they are kept here. A Tucker LoCon (``lora_mid``) is not that
+shape: such modules are listed in ``conv``, not applied.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ PLAIN = ("lora_down.weight", "lora_up.weight")
 ORTHO = ("q_layer.weight", "p_layer.weight", "lambda_layer")
 BASE = {"q": ("base_q.weight", "base_q"), "p": ("base_p.weight", "base_p"),
         "lambda": ("base_lambda_buf", "base_lambda", "base_lambda.weight")}
-SUFFIXES = PLAIN + ORTHO + ("alpha", "dora_scale") + tuple(n for names in BASE.values() for n in names)
+SUFFIXES = PLAIN + ORTHO + ("alpha", "dora_scale", "lora_mid.weight") + tuple(n for names in BASE.values() for n in names)
 TE_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "t_lora_te_")
 
 
@@ -31,7 +37,7 @@ class Modules:
     adapters: dict = field(default_factory=dict)  # file module name -> LowRankAdapter
     lookup: dict = field(default_factory=dict)  # file module name -> key-map names
     text_encoder: list = field(default_factory=list)
-    conv: list = field(default_factory=list)  # diffusion-model modules on convolutions
+    conv: list = field(default_factory=list)  # diffusion-model convolution modules it cannot apply (Tucker)
     ortho: int = 0  # how many are orthogonal
 
 
@@ -47,8 +53,7 @@ def read_modules(path: str, tensors: dict, prefixes: tuple = ()) -> Modules:
             continue
         if "dora_scale" in g:
             raise TLoRAFormatError(path, f"module {name} is DoRA (dora_scale): not supported by the T-LoRA loader")
-        terms = [g[t] for t in PLAIN + ORTHO if t in g]
-        if any(t.ndim > 2 for t in terms):
+        if "lora_mid.weight" in g:
             out.conv.append(name)
             continue
         out.adapters[name] = _ortho(path, name, g) if "q_layer.weight" in g else _plain(path, name, g)
@@ -74,7 +79,9 @@ def _plain(path: str, name: str, g: dict) -> ad.LowRankAdapter:
     if missing:
         raise TLoRAFormatError(path, f"module {name} lacks {', '.join(missing)}")
     down, up = g["lora_down.weight"], g["lora_up.weight"]
-    if up.shape[1] != down.shape[0]:
+    if down.ndim == 4 and up.ndim == 4 and tuple(up.shape[2:]) == (1, 1):  # a conv module: flattened
+        down, up = down.reshape(down.shape[0], -1), up.reshape(up.shape[0], up.shape[1])
+    if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
         raise TLoRAFormatError(path, f"module {name}: rank mismatch: lora_down {tuple(down.shape)}, "
                                      f"lora_up {tuple(up.shape)}")
     r = down.shape[0]

@@ -25,7 +25,7 @@ class TLoRAFile:
     # file module name -> names to look up in the model's key map, best first
     lookup: dict = field(default_factory=dict)
     metadata: dict = field(default_factory=dict)
-    # diffusion-model modules of the file the pack cannot apply (convolutions): loading without
+    # diffusion-model modules of the file the pack cannot apply (convolutions of some layouts): loading without
     # them is a partial load, which the loader refuses unless asked for one
     unsupported: list = field(default_factory=list)
 
@@ -49,10 +49,10 @@ def finish(path: str, fmt: str, modules: dict, found: list, notes: list, lookup:
 
 def note_skipped(notes: list, text_encoder: list, conv: list) -> None:
     """The notes for modules a reader leaves out: text-encoder ones (the schedule acts on the
-    diffusion model) and convolutions (the pack applies T-LoRA to linear layers only)."""
+    diffusion model) and convolution modules of a layout the pack does not apply (LyCORIS' tlora
+    convolutions, Tucker LoCon)."""
     if text_encoder:
         notes.append(f"{len(text_encoder)} text-encoder module(s) skipped (the T-LoRA schedule acts on the "
                      f"diffusion model): {sample_names(text_encoder)}")
     if conv:
-        notes.append(f"{len(conv)} convolution module(s) not applied (T-LoRA is applied to linear layers only): "
-                     f"{sample_names(conv)}")
+        notes.append(f"{len(conv)} convolution module(s) of a layout this pack does not apply: {sample_names(conv)}")
