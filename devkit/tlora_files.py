@@ -632,18 +632,21 @@ def write_anima(model_patcher, path, init: str = "kaiming", rank: int = 8, alpha
     return path
 
 
-# sd-scripts' SD/SDXL UNet classes the fork's lora_tlora.py targets, by ComfyUI's class names (same paths)
+# sd-scripts' SD/SDXL UNet classes the fork's lora_tlora.py targets (its SD 1.x UNet names them and their
+# layers as diffusers does, its SDXL UNet as SGM / ComfyUI do), keyed by ComfyUI's class names
 SD_FORK_TARGETS = {"SpatialTransformer": "Transformer2DModel", "ResBlock": "ResnetBlock2D",
                    "Downsample": "Downsample2D", "Upsample": "Upsample2D"}
 
 
 def sd_fork_modules(root: torch.nn.Module, conv_dim: Optional[int]) -> dict:
-    """lora name -> layer, as the fork's ``TLoRANetwork.create_modules`` finds them: the Linears and
-    1x1 convs of Transformer2DModel, and with ``conv_dim`` the Linears and convs of ResnetBlock2D /
-    Downsample2D / Upsample2D too (their 3x3 convs take ``conv_dim``)."""
+    """lora name -> layer, as the fork's ``TLoRANetwork.create_modules`` finds them in ``root`` (a
+    ComfyUI UNet: SDXL's paths; a diffusers one: SD 1.x's): the Linears and convs of
+    Transformer2DModel, and with ``conv_dim`` those of ResnetBlock2D / Downsample2D / Upsample2D too
+    (their 3x3 convs take ``conv_dim``)."""
     out = {}
     for name, module in root.named_modules():
-        cls = SD_FORK_TARGETS.get(type(module).__name__)
+        kind = type(module).__name__
+        cls = SD_FORK_TARGETS.get(kind, kind if kind in SD_FORK_TARGETS.values() else None)
         if cls is None or (cls != "Transformer2DModel" and conv_dim is None):
             continue
         for child_name, child in module.named_modules():
@@ -654,9 +657,10 @@ def sd_fork_modules(root: torch.nn.Module, conv_dim: Optional[int]) -> dict:
 
 def write_sd_fork(model_patcher, path, init: str = "kaiming", rank: int = 8, alpha: float = 4.0, *,
                   conv_dim: Optional[int] = None, conv_alpha: Optional[float] = None, min_rank: int = 1,
-                  alpha_rank_scale: float = 1.0, dtype=torch.bfloat16, seed: int = 0) -> Path:
+                  alpha_rank_scale: float = 1.0, dtype=torch.bfloat16, base_model_version: str = "sdxl_base_v1-0",
+                  seed: int = 0) -> Path:
     """A T-LoRA as the fork's SD/SDXL network (orangemagic123/sd-scripts ``networks/lora_tlora.py``)
-    saves it: ``lora_unet_<path>`` (SGM paths, ComfyUI's own); Linears and 1x1 convs at ``rank``, the
+    saves it: ``lora_unet_<path>`` (``sd_fork_modules``); Linears and 1x1 convs at ``rank``, the
     3x3 convs of the ResNet / down / up blocks at ``conv_dim`` (``conv_alpha``). ``init`` "kaiming":
     ``lora_down`` (a conv with the layer's kernel on convs) / ``lora_up`` (1x1 on convs) / ``alpha``;
     "orthogonal": ``OrthogonalTLoRAModule``'s q_layer / p_layer / lambda_layer with the frozen base_q /
@@ -692,7 +696,7 @@ def write_sd_fork(model_patcher, path, init: str = "kaiming", rank: int = 8, alp
         net_args.update({"conv_dim": str(conv_dim), "conv_alpha": str(conv_alpha)})
     metadata = {
         "ss_network_module": "networks.lora_tlora", "ss_network_dim": str(rank), "ss_network_alpha": str(alpha),
-        "ss_network_args": json.dumps(net_args), "ss_base_model_version": "sdxl_base_v1-0",
+        "ss_network_args": json.dumps(net_args), "ss_base_model_version": base_model_version,
         "ss_tlora_min_rank": str(int(min_rank)), "ss_tlora_alpha_rank_scale": str(float(alpha_rank_scale)),
         "ss_tlora_max_timestep": "1000", "ss_tlora_init": init, "ss_tlora_sig_type": "last",
     }

@@ -362,6 +362,37 @@ def test_sd_fork_convolutions_match_comfyuis_own_conv_lora(sdxl, loras, tmp_path
     assert S.rel_err(S.denoise_once(out, sigma, pos, neg, latent), ref, base_output(sdxl, sigma)) < TOL
 
 
+def test_sd1_fork_file_with_diffusers_names_matches_comfyuis_own_conv_lora(comfy, loras, tmp_path):
+    """SD 1.x: the fork names layers as diffusers does (``down_blocks_0_resnets_0_conv1``, 1x1
+    ``proj_in`` convs); ComfyUI's key map places them. Against ComfyUI's own LoRA loader of the same
+    file with each module's inactive ranks zeroed, at three noise levels."""
+    from devkit import families as F
+    from safetensors.torch import load_file
+
+    pair = F.build(F.kit("sd1x"), seed=6)
+    m, (pos, neg), latent = pair.model, F.conditioning(pair.kit), F.latent(pair.kit)
+    path = tf.write_sd_fork(pair.diffusers_model, tmp_path / "sd1.safetensors", rank=8, alpha=4.0, conv_dim=4,
+                            conv_alpha=2.0, min_rank=2, dtype=torch.float32, base_model_version="sd_v1", seed=12)
+    lora = load_file(str(path))
+    assert "lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight" in lora
+    assert any(k.endswith("proj_in.lora_down.weight") and v.shape[2:] == (1, 1) for k, v in lora.items())
+    out, info = loader.TLoraLoader.execute(m, put(loras, path), STRENGTH).args
+    assert f"modules: {len(raw_modules(path))} matched, 0 not matched" in info
+    ranks = set()
+    for t in (900.0, 500.0, 100.0):
+        sigma = float(m.model.model_sampling.sigma(torch.tensor(t)))
+        masked = dict(lora)
+        for key, up in lora.items():
+            if key.endswith(".lora_up.weight"):
+                r = sd_fork_rank(m, sigma, up.shape[1], 2, 1.0)
+                masked[key] = torch.cat([up[:, :r], torch.zeros_like(up[:, r:])], 1)
+                ranks.add(r)
+        base = S.denoise_once(m, sigma, pos, neg, latent)
+        ref = S.denoise_once(S.comfy_merge(m, masked, STRENGTH), sigma, pos, neg, latent)
+        assert S.rel_err(S.denoise_once(out, sigma, pos, neg, latent), ref, base) < TOL, t
+    assert len(ranks) >= 4, ranks
+
+
 # --- takenoko ---------------------------------------------------------------------------------------
 TAKENOKO_CASES = {
     "lora": dict(trainer_type="lora", rank=16, alpha=8.0, min_rank=1, tlora_alpha=1.0, boundary=875),
