@@ -35,7 +35,12 @@ def info_text(lora_name: str, tfile, bound, schedule: sched.Schedule, strength: 
     for name, value, where in schedule.fields():
         lines.append(f"  {name} = {value}  ({where})")
     if schedule.mode == sched.TIMESTEP:
-        lines.append("active rank at t: " + ", ".join(f"{t:g}: {r}" for t, r in sched.rank_table(schedule)))
+        # where each module follows its own rank, one line per rank the file's modules have
+        ranks = sorted({m.rank for m in tfile.modules.values()}, reverse=True) if schedule.per_module_rank else []
+        for R in ranks if len(ranks) > 1 else [schedule.max_rank]:
+            label = f"active rank at t (modules of rank {R})" if len(ranks) > 1 else "active rank at t"
+            table = sched.rank_table(schedule.for_module_rank(R))
+            lines.append(f"{label}: " + ", ".join(f"{t:g}: {r}" for t, r in table))
     lines += [f"note: {n}" for n in bound.notes]  # the file's notes and the binding's
     return "\n".join(lines)
 

@@ -261,6 +261,9 @@ def test_anima_fork_masks_each_module_by_its_own_rank(anima, loras, tmp_path, ca
     assert "note: modules have different ranks [4, 8, 16]: each module's mask is computed from its own rank" in info
     assert "  per_module_rank = True  (the fork's convention (t = sigma, not truncated))" in info.splitlines()
     assert "says rank 8" not in info  # ss_network_dim is the rank of most modules, not a mismatch
+    for R in (16, 8, 4):  # the info's table, one line per module rank, is the fork's rule
+        table = ", ".join(f"{t:g}: {anima_rank(t, R, 2, 1.0)}" for t in (0, 0.25, 0.5, 0.75, 0.999))
+        assert f"active rank at t (modules of rank {R}): {table}" in info.splitlines(), info
     merged_out, _ = loader.TLoraLoader.execute(m, put(loras, path), STRENGTH, apply="merge").args
     delta = file_deltas(m, path, "lora_unet_")
     sigma = 0.6  # t = 0.6: ranks 2 / 4 / 7 for modules of rank 4 / 8 / 16; the shared rule gives 4 / 7 / 7
