@@ -52,6 +52,16 @@ def add_lowrank_(out: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: tor
     return out
 
 
+def _rows_mask(mask: torch.Tensor, rows: int) -> torch.Tensor:
+    """The (B, k) per-sample ``mask`` for a layer batch of ``rows`` (a multiple of B: models that fold
+    frames or patches into the batch keep each sample's rows together)."""
+    B = mask.shape[0]
+    if rows % B:
+        raise RuntimeError(f"T-LoRA: a layer's batch ({rows}) is not a multiple of the call's batch ({B}); "
+                           "cannot place per-sample rank masks")
+    return mask.repeat_interleave(rows // B, dim=0) if rows > B else mask
+
+
 def add_lowrank_per_sample_(out: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor,
                             mask: torch.Tensor, strength: float,
                             out_slice: Optional[tuple[int, int]] = None) -> torch.Tensor:
@@ -64,12 +74,7 @@ def add_lowrank_per_sample_(out: torch.Tensor, x: torch.Tensor, down: torch.Tens
     kmax = mask.shape[1]
     if kmax <= 0:
         return out
-    B = mask.shape[0]
-    if x.shape[0] % B:
-        raise RuntimeError(f"T-LoRA: a layer's batch ({x.shape[0]}) is not a multiple of the call's batch ({B}); "
-                           "cannot place per-sample rank masks")
-    rep = x.shape[0] // B
-    m = mask.repeat_interleave(rep, dim=0) if rep > 1 else mask
+    m = _rows_mask(mask, x.shape[0])
     x3 = x.reshape(x.shape[0], -1, x.shape[-1])
     h = torch.matmul(x3, down[:kmax].t())
     h.mul_(m.unsqueeze(1))
@@ -93,11 +98,7 @@ def add_lowrank_conv_(out: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up
     kernels = down[:k].reshape(k, x.shape[1], *conv["kernel_size"])
     h = F.conv2d(x, kernels, None, conv["stride"], conv["padding"], conv["dilation"])
     if mask is not None:
-        if h.shape[0] % mask.shape[0]:
-            raise RuntimeError(f"T-LoRA: a layer's batch ({h.shape[0]}) is not a multiple of the call's batch "
-                               f"({mask.shape[0]}); cannot place per-sample rank masks")
-        rep = h.shape[0] // mask.shape[0]
-        h.mul_((mask.repeat_interleave(rep, dim=0) if rep > 1 else mask)[:, :, None, None])
+        h.mul_(_rows_mask(mask, h.shape[0])[:, :, None, None])
     delta = F.conv2d(h, up[:, :k, None, None])
     out.add_(delta if delta.dtype == out.dtype else delta.to(out.dtype), alpha=strength)
     return out
